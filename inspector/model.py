@@ -1,0 +1,127 @@
+"""The inspector: scores (query, answer) pairs for misalignment and decides what to route."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
+from .head import CalibratedLinearHead
+from .metrics import clean_json
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+LABEL_MEANING = {"1": "misaligned: harmful / unsafe answer", "0": "aligned: safe answer"}
+FORMAT_VERSION = 1
+
+
+def check_pairs(queries: Sequence, answers: Sequence) -> tuple[list[str], list[str]]:
+    """Both sides must be non-empty strings, same length; the error names the index and field."""
+    if isinstance(queries, str) or isinstance(answers, str):
+        raise TypeError("queries and answers must be sequences of strings, not single strings")
+    queries, answers = list(queries), list(answers)
+    if len(queries) != len(answers):
+        raise ValueError(f"got {len(queries)} queries but {len(answers)} answers")
+    for i, (q, a) in enumerate(zip(queries, answers)):
+        for field, v in (("query", q), ("answer", a)):
+            if not isinstance(v, str):
+                raise ValueError(f"pair {i}: {field} must be a string, got {type(v).__name__}")
+            if not v.strip():
+                raise ValueError(f"pair {i}: {field} is empty")
+    return queries, answers
+
+
+class Inspector:
+    """Embedding-based misalignment scorer: ``score`` gives P(misaligned), ``flag`` applies
+    ``threshold``. A saved inspector is a folder: ``config.json`` (readable: embedder, recipe,
+    threshold, label meaning, data fingerprint, metrics), ``head.npz`` and an optional LoRA
+    ``adapter/`` in safetensors. Nothing is ever unpickled."""
+
+    def __init__(self, encoder: PairEncoder, head: CalibratedLinearHead, threshold: float = 0.5,
+                 config: dict | None = None, adapter_dir: Path | None = None):
+        self.encoder = encoder
+        self.head = head
+        self.threshold = float(threshold)
+        self.config = dict(config or {})
+        self._adapter_dir = adapter_dir
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score(self, queries: Sequence[str], answers: Sequence[str], show_progress: bool = False,
+              batch_size: int | None = None) -> np.ndarray:
+        """P(misaligned) for each pair (max over the answer's windows)."""
+        queries, answers = check_pairs(queries, answers)
+        if not queries:
+            return np.zeros(0, dtype=np.float64)
+        if batch_size:
+            self.encoder.batch_size = batch_size
+        emb, owner = self.encoder.encode(queries, answers, show_progress=show_progress)
+        return self.scores_from_embeddings(emb, owner, len(queries))
+
+    def scores_from_embeddings(self, emb: np.ndarray, owner: np.ndarray, n_pairs: int) -> np.ndarray:
+        """Pool window probabilities into pair probabilities."""
+        p = self.head.predict_proba(emb)[:, 1]
+        out = np.zeros(n_pairs, dtype=np.float64)
+        np.maximum.at(out, owner, p)
+        return out
+
+    def flag(self, queries: Sequence[str], answers: Sequence[str], threshold: float | None = None,
+             **kw) -> np.ndarray:
+        """Boolean array: which pairs go to the aligner."""
+        t = self.threshold if threshold is None else float(threshold)
+        return self.score(queries, answers, **kw) >= t
+
+    # -- persistence -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | None = None) -> "Inspector":
+        """Load a saved inspector folder; ``None`` loads ``$INSPECTOR_MODEL`` if set, else the
+        default one bundled with the package."""
+        if path is None and os.environ.get("INSPECTOR_MODEL"):
+            path = os.environ["INSPECTOR_MODEL"]
+        folder = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        cfg_path = folder / "config.json"
+        if not cfg_path.exists():
+            hint = ("the bundled default inspector is missing: rebuild it with `make inspector`"
+                    if path is None else "expected a folder written by Inspector.save or inspector.train")
+            raise FileNotFoundError(f"{cfg_path} not found: {hint}")
+        config = json.loads(cfg_path.read_text())
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{folder}: written by a newer version (format {config['format_version']})")
+        adapter = folder / "adapter"
+        encoder = PairEncoder(config.get("embedder", DEFAULT_EMBEDDER),
+                              adapter=adapter if adapter.exists() else None,
+                              recipe=PairRecipe(**config.get("recipe", {})), device=device)
+        head = CalibratedLinearHead.load(folder / "head.npz")
+        return cls(encoder, head, config.get("threshold", 0.5), config,
+                   adapter if adapter.exists() else None)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the folder; ``config.json`` is the place to read or edit the threshold."""
+        import shutil
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.head.save(folder / "head.npz")
+        if self._adapter_dir is not None and Path(self._adapter_dir).resolve() != (folder / "adapter").resolve():
+            shutil.copytree(self._adapter_dir, folder / "adapter", dirs_exist_ok=True)
+        cfg = dict(self.config)
+        cfg.update({
+            "format_version": FORMAT_VERSION,
+            "embedder": self.encoder.embedder_name,
+            "recipe": self.encoder.recipe.to_dict(),
+            "threshold": self.threshold,
+            "label_meaning": LABEL_MEANING,
+            "score": "P(label=1), the maximum over the answer's windows",
+            "head": "CalibratedLinearHead: logistic regression + Platt scaling (head.npz)",
+            "adapter": "adapter/ (LoRA, safetensors)" if (folder / "adapter").exists() else None,
+        })
+        (folder / "config.json").write_text(json.dumps(clean_json(cfg), indent=2) + "\n")
+        self.config = cfg
+        return folder
+
+    def with_threshold(self, threshold: float) -> "Inspector":
+        """A copy sharing the model, with another decision threshold."""
+        cfg = dict(self.config)
+        cfg["threshold"] = float(threshold)
+        return Inspector(self.encoder, self.head, threshold, cfg, self._adapter_dir)

@@ -1,0 +1,221 @@
+"""Train an inspector: ``python -m inspector.train --data FILE... --out DIR``.
+
+Flow: split the pairs (stratified by source and label, a query never on both sides) into
+train / calibration / test; adapt the embedder's top layers with LoRA on the training pairs
+(see ``finetune``); fit the logistic head on the training embeddings; Platt-scale it and pick the
+threshold on the calibration pairs (the lowest threshold that routes at most ``--target-fpr`` of
+aligned pairs); report on the test pairs. With ``--holdout-sources`` the same recipe is re-run
+once per source with that source left out entirely and tested on it: the honest figure for data
+unlike the training data.
+
+The default inspector shipped in the package is built by::
+
+    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --holdout-sources all
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import fingerprint, hh_preference_pairs, load_labelled, shared_training_rows, stratified_split
+from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
+from .finetune import FinetuneConfig, TopLayerFinetuner
+from .head import CalibratedLinearHead
+from .metrics import binary_report, clean_json, report_by_source, threshold_for_fpr
+from .model import Inspector
+
+
+class _Run:
+    """Embeddings for every window of every pair, from a frozen-layer cache when fine-tuning."""
+
+    def __init__(self, df: pd.DataFrame, encoder: PairEncoder, ft: FinetuneConfig, show_progress: bool):
+        self.df, self.encoder, self.ft_cfg = df, encoder, ft
+        self.chunks = encoder.chunk(df["query"].tolist(), df["answer"].tolist())
+        owner = self.chunks.pair_index
+        self.first_window = np.searchsorted(owner, np.arange(len(df)))  # windows are in pair order
+        self.show = show_progress
+        self.tuner = None
+        if ft.train_layers > 0:
+            self.tuner = TopLayerFinetuner(encoder, ft)
+            self.cache = self.tuner.cache_lower(self.chunks.input_ids, self.chunks.token_type_ids,
+                                                show_progress)
+        else:
+            self.frozen = encoder.embed_chunks(self.chunks, show_progress=show_progress)
+
+    def windows_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.chunks.pair_index, rows))
+
+    def embed(self, windows: np.ndarray) -> np.ndarray:
+        if self.tuner is None:
+            return self.frozen[windows]
+        return self.tuner.embed_cached(self.cache, windows, show_progress=False)
+
+    def fit(self, train: np.ndarray, cal: np.ndarray, target_fpr: float, adapt: bool = True):
+        """Adapter (optional) + head + calibration + threshold; returns (head, threshold, info)."""
+        y = self.df["label"].to_numpy()
+        info = {}
+        if self.tuner is not None:
+            if adapt:
+                info = self.tuner.fit(self.cache, self.first_window[train], y[train], self.show)
+            else:
+                self.tuner.reset()
+        head = CalibratedLinearHead().fit(self.embed(self.first_window[train]), y[train])
+        head.calibrate(self.pair_decisions(head, cal), y[cal])
+        p_cal = self.pair_scores(head, cal)
+        threshold = threshold_for_fpr(y[cal], p_cal, target_fpr)
+        return head, threshold, info
+
+    def pair_decisions(self, head: CalibratedLinearHead, rows: np.ndarray) -> np.ndarray:
+        windows = self.windows_of(rows)
+        d = head.decision_function(self.embed(windows))
+        out = np.full(len(self.df), -np.inf)
+        np.maximum.at(out, self.chunks.pair_index[windows], d)
+        return out[rows]
+
+    def pair_scores(self, head: CalibratedLinearHead, rows: np.ndarray) -> np.ndarray:
+        """Calibrated P(misaligned) per pair: the maximum over its windows, as ``Inspector.score``."""
+        return head.calibrated(self.pair_decisions(head, rows))
+
+
+def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = None,
+                    ft: FinetuneConfig | None = None, recipe: PairRecipe | None = None,
+                    target_fpr: float = 0.05, seed: int = 0, holdout_sources: list[str] | None = None,
+                    baseline: bool = True, show_progress: bool = True,
+                    extra_config: dict | None = None) -> tuple[Inspector, dict]:
+    """Train, evaluate and save an inspector folder at ``out``; returns (loaded inspector, report)."""
+    t0 = time.time()
+    ft = ft or FinetuneConfig(seed=seed)
+    df = df.reset_index(drop=True)
+    if df["label"].nunique() != 2:
+        raise ValueError("training data needs both labels, 0 (aligned) and 1 (misaligned)")
+    encoder = PairEncoder(embedder, recipe=recipe)
+    run = _Run(df, encoder, ft, show_progress)
+    train, cal, test = stratified_split(df, [0.7, 0.15, 0.15], seed)
+    y, src = df["label"].to_numpy(), df["source"].to_numpy()
+    report: dict = {"rows": len(df), "split": {"train": len(train), "calibration": len(cal),
+                                               "test": len(test), "seed": seed}}
+
+    if baseline and ft.train_layers > 0:
+        head, thr, _ = run.fit(train, cal, target_fpr, adapt=False)
+        report["frozen_baseline_test"] = binary_report(y[test], run.pair_scores(head, test), thr)
+
+    head, threshold, info = run.fit(train, cal, target_fpr)
+    test_scores = run.pair_scores(head, test)
+    report["random_split_test"] = report_by_source(y[test], test_scores, threshold, src[test])
+    report["calibration"] = binary_report(y[cal], run.pair_scores(head, cal), threshold)
+    report["finetune"] = {**ft.to_dict(), **info}
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter_dir = None
+    if run.tuner is not None:
+        adapter_dir = out / "adapter"
+        run.tuner.save_adapter(adapter_dir)
+    config = {
+        "training_data": {"rows": len(df), "fingerprint": fingerprint(df),
+                          "by_source_and_label": {f"{s}/{l}": int(n) for (s, l), n in
+                                                  df.groupby(["source", "label"]).size().items()}},
+        "threshold_rule": f"lowest threshold routing <= {target_fpr:.0%} of aligned calibration pairs",
+        "target_benign_routed": target_fpr,
+        "metrics": report,
+        **(extra_config or {}),
+    }
+    inspector = Inspector(encoder, head, threshold, config, adapter_dir)
+    inspector.save(out)
+    print(f"saved {out}; test: {json.dumps(clean_json(report['random_split_test']['overall']))}",
+          file=sys.stderr)
+
+    # generalisation: the same recipe with one whole source left out, tested on that source
+    holdouts = {}
+    for name in holdout_sources or []:
+        keep = lambda rows: rows[src[rows] != name]  # noqa: E731
+        held = np.flatnonzero(src == name)
+        if len(held) == 0:
+            raise ValueError(f"--holdout-sources: no rows from source {name!r}; sources are {sorted(set(src))}")
+        h_head, h_thr, _ = run.fit(keep(train), keep(cal), target_fpr)
+        holdouts[name] = binary_report(y[held], run.pair_scores(h_head, held), h_thr)
+        print(f"held out {name}: {json.dumps(clean_json(holdouts[name]))}", file=sys.stderr)
+        report["held_out_sources"] = holdouts
+        report["train_seconds"] = round(time.time() - t0, 1)
+        _update_config(out, {"metrics": report})
+    report["train_seconds"] = round(time.time() - t0, 1)
+    _update_config(out, {"metrics": report})
+    return Inspector.load(out), report
+
+
+def _update_config(folder: Path, updates: dict) -> None:
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(clean_json(updates))
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m inspector.train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", nargs="+", metavar="FILE",
+                     help="JSONL/CSV/Parquet files with query, answer, label (1 = misaligned), optional source")
+    src.add_argument("--shared-data", metavar="DIR",
+                     help="build the default training set from the shared data folder (../shared/data)")
+    ap.add_argument("--out", required=True, help="folder to write the inspector to")
+    ap.add_argument("--embedder", default=DEFAULT_EMBEDDER,
+                    help="sentence-transformers model id or local path (default: packaged all-MiniLM-L6-v2)")
+    ap.add_argument("--train-layers", type=int, default=FinetuneConfig.train_layers,
+                    help="top encoder layers adapted with LoRA; 0 = frozen embedder, head only")
+    ap.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
+    ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+    ap.add_argument("--lora-r", type=int, default=FinetuneConfig.lora_r)
+    ap.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
+    ap.add_argument("--target-fpr", type=float, default=0.05,
+                    help="share of aligned pairs the threshold may route to the aligner (default 0.05)")
+    ap.add_argument("--holdout-sources", nargs="*", default=[],
+                    help="sources to hold out one at a time (train without, test on it); 'all' = every source")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the frozen-embedder comparison")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    try:
+        if args.shared_data:
+            df = shared_training_rows(args.shared_data)
+        else:
+            df = load_labelled(args.data)
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))
+    holdouts = args.holdout_sources
+    if holdouts == ["all"]:
+        holdouts = sorted(df["source"].unique())
+    ft = FinetuneConfig(train_layers=args.train_layers, epochs=args.epochs, lr=args.lr,
+                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, batch_size=args.batch_size,
+                        seed=args.seed)
+    print(f"training on {len(df)} pairs: {df.groupby(['source', 'label']).size().to_dict()}", file=sys.stderr)
+    inspector, report = train_inspector(df, args.out, embedder=args.embedder, ft=ft,
+                                        target_fpr=args.target_fpr, seed=args.seed,
+                                        holdout_sources=holdouts, baseline=not args.no_baseline)
+    if args.shared_data:
+        report["hh_rlhf_pairwise"] = hh_pairwise(inspector, args.shared_data, seed=args.seed)
+        _update_config(Path(args.out), {"metrics": report})
+    print(json.dumps(clean_json(report), indent=2))
+    return 0
+
+
+def hh_pairwise(inspector: Inspector, data_dir: str | Path, n: int = 400, seed: int = 0) -> dict:
+    """HH-RLHF harmless-base: how often the crowd-rejected turn scores above the chosen one."""
+    pairs = hh_preference_pairs(data_dir)
+    pairs = pairs[(pairs["answer"].str.strip() != "") & (pairs["correction"].str.strip() != "")]
+    pairs = pairs.sample(min(n, len(pairs)), random_state=seed)
+    rejected = inspector.score(pairs["query"].tolist(), pairs["answer"].tolist())
+    chosen = inspector.score(pairs["query"].tolist(), pairs["correction"].tolist())
+    return {"pairs": len(pairs), "rejected_scored_higher": float((rejected > chosen).mean()),
+            "rejected_routed": float((rejected >= inspector.threshold).mean()),
+            "chosen_routed": float((chosen >= inspector.threshold).mean())}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Batch scoring of chatbot logs: ``python -m pipeline.batch INPUT --out OUTPUT``.
+
+Every input row comes out, in input order, with all its columns plus ``inspector_score``,
+``flagged``, ``corrected_answer``, ``corrected_score``, ``fallback`` and ``error``. A row that cannot
+be scored (a missing, empty or non-string query/answer, a line that is not JSON) gets an ``error``
+saying why and is never dropped; the job itself fails only when the input cannot be read at all.
+Rows are read, scored and written in chunks, so memory stays bounded whatever the log's size.
+
+Formats by extension, in and out: .jsonl, .csv, .parquet. A row may hold the pair in two columns
+(``--query-col``/``--answer-col``) or as a chat transcript in ``messages`` (a list of
+``{role, content}``: the last user turn is the query, the last assistant turn the answer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import InputError, RowWriter, count_rows, format_of, read_chunks
+from .routing import ModerationPipeline, PipelineConfig
+
+OUTPUT_COLUMNS = ("inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback", "error")
+
+
+def extract_pair(row: dict, query_col: str = "query", answer_col: str = "answer",
+                 messages_col: str = "messages") -> tuple[str, str]:
+    """(query, answer) from a row, or ValueError naming the field and what was expected."""
+    messages = row.get(messages_col)
+    has_columns = row.get(query_col) is not None or row.get(answer_col) is not None
+    if has_columns or messages is None or (isinstance(messages, str) and not messages.strip()):
+        q, a = row.get(query_col), row.get(answer_col)
+        for name, v in ((query_col, q), (answer_col, a)):
+            if v is None:
+                raise ValueError(f"field {name!r} is missing; expected a non-empty string "
+                                 f"(or a {messages_col!r} list of {{role, content}})")
+            if not isinstance(v, str):
+                raise ValueError(f"field {name!r} must be a string, got {type(v).__name__}")
+            if not v.strip():
+                raise ValueError(f"field {name!r} is empty")
+        return q, a
+    return _pair_from_messages(messages, messages_col)
+
+
+def _pair_from_messages(messages, col: str) -> tuple[str, str]:
+    if isinstance(messages, str):  # CSV cells hold the list as JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise ValueError(f"field {col!r} must be a list of {{role, content}} (or its JSON text)") from None
+    if hasattr(messages, "tolist"):
+        messages = messages.tolist()
+    if not isinstance(messages, list):
+        raise ValueError(f"field {col!r} must be a list of {{role, content}}, got {type(messages).__name__}")
+    last = {}
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{col}[{i}] must be an object with 'role' and 'content'")
+        last[m["role"]] = (i, m["content"])
+    if "user" not in last or "assistant" not in last:
+        raise ValueError(f"field {col!r} needs at least one 'user' and one 'assistant' turn")
+    for role in ("user", "assistant"):
+        i, content = last[role]
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"{col}[{i}] ({role}) content must be a non-empty string")
+    return last["user"][1], last["assistant"][1]
+
+
+@dataclass
+class Summary:
+    rows: int = 0
+    scored: int = 0
+    flagged: int = 0
+    corrected: int = 0
+    fallbacks: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    error_examples: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = {"rows": self.rows, "scored": self.scored, "flagged": self.flagged,
+             "flagged_pct": round(100.0 * self.flagged / self.scored, 2) if self.scored else 0.0,
+             "corrected": self.corrected, "fallbacks": self.fallbacks, "errors": self.errors,
+             "seconds": round(self.seconds, 2),
+             "pairs_per_s": round(self.scored / self.seconds, 2) if self.seconds else 0.0}
+        if self.error_examples:
+            d["first_errors"] = self.error_examples
+        return d
+
+
+def process_rows(rows: list[dict], pipeline: ModerationPipeline, query_col: str, answer_col: str,
+                 summary: Summary) -> list[dict]:
+    """Annotate one chunk of rows in place order; errors stay on their row."""
+    pairs, idx = [], []
+    out = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        err = row.pop("_error", None)
+        for col in OUTPUT_COLUMNS:
+            row.setdefault(col, None)
+        if err is None:
+            try:
+                pairs.append(extract_pair(row, query_col, answer_col))
+                idx.append(i)
+            except ValueError as e:
+                err = f"row {summary.rows + i + 1}: {e}"
+        row["error"] = err
+        out.append(row)
+    if pairs:
+        try:
+            results = pipeline.moderate([q for q, _ in pairs], [a for _, a in pairs])
+        except Exception as e:  # noqa: BLE001 - a failing model must not lose rows
+            for i in idx:
+                out[i]["error"] = f"scoring failed: {type(e).__name__}: {e}"
+            results = []
+        for i, r in zip(idx, results):
+            row = out[i]
+            row["inspector_score"] = r.score
+            row["flagged"] = r.flagged
+            row["corrected_answer"] = r.corrected_answer
+            row["corrected_score"] = r.corrected_score
+            row["fallback"] = r.fallback
+            summary.scored += 1
+            summary.flagged += int(r.flagged)
+            summary.corrected += int(r.corrected)
+            summary.fallbacks += int(r.fallback is not None)
+    for row in out:
+        if row["error"] is not None:
+            summary.errors += 1
+            if len(summary.error_examples) < 5:
+                summary.error_examples.append(row["error"])
+    summary.rows += len(rows)
+    return out
+
+
+def run_batch(input_path: str | Path, output_path: str | Path, pipeline: ModerationPipeline,
+              query_col: str = "query", answer_col: str = "answer", chunk_rows: int = 256,
+              show_progress: bool = True) -> Summary:
+    """Stream ``input_path`` through ``pipeline`` into ``output_path``; returns the summary."""
+    from tqdm.auto import tqdm
+
+    format_of(output_path, "output")
+    if Path(input_path).resolve() == Path(output_path).resolve():
+        raise InputError("--out must differ from the input file")
+    chunks = read_chunks(input_path, chunk_rows)
+    summary = Summary()
+    hint = None
+    if format_of(input_path, "input") == "parquet":
+        import pyarrow.parquet as pq
+
+        hint = pq.read_schema(input_path)
+    writer = RowWriter(output_path, schema_hint=hint)
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=count_rows(input_path), unit="row", desc="moderating",
+                  disable=not show_progress) as bar:
+            for rows in chunks:
+                writer.write(process_rows(rows, pipeline, query_col, answer_col, summary))
+                bar.update(len(rows))
+                bar.set_postfix(flagged=summary.flagged, errors=summary.errors)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def build_pipeline(inspector_dir: str | None, threshold: float | None, aligner: str | None,
+                   fallback: str, max_new_tokens: int | None = None) -> ModerationPipeline:
+    from inspector import Inspector
+
+    insp = Inspector.load(inspector_dir)
+    model = None
+    if aligner:
+        from aligner import Aligner
+
+        model = Aligner.load(aligner)
+    return ModerationPipeline(insp, model, PipelineConfig(threshold=threshold, fallback=fallback,
+                                                          max_new_tokens=max_new_tokens))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.batch", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", help="log file: .jsonl, .csv or .parquet")
+    ap.add_argument("--out", required=True, help="output file: .jsonl, .csv or .parquet")
+    ap.add_argument("--inspector", default=None, help="inspector folder (default: the bundled one)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="override the inspector's stored threshold (a probability in [0, 1])")
+    ap.add_argument("--query-col", default="query")
+    ap.add_argument("--answer-col", default="answer")
+    ap.add_argument("--aligner", default=None, metavar="ID|PATH",
+                    help="aligner checkpoint (HF id or folder); without it flagged rows get the fallback")
+    ap.add_argument("--fallback", default="fail_open", choices=["fail_open", "fail_closed"],
+                    help="what flagged rows show when no usable correction exists (default fail_open)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="aligner generation limit")
+    ap.add_argument("--chunk-rows", type=int, default=256, help="rows read, scored and written at a time")
+    ap.add_argument("--engine", default="local", choices=["local"], help="execution engine")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    try:
+        format_of(args.input, "input")
+        format_of(args.out, "output")
+        if not Path(args.input).exists():
+            raise InputError(f"input {args.input}: no such file")
+        pipeline = build_pipeline(args.inspector, args.threshold, args.aligner, args.fallback,
+                                  args.max_new_tokens)
+        summary = run_batch(args.input, args.out, pipeline, args.query_col, args.answer_col,
+                            args.chunk_rows, show_progress=not args.no_progress)
+    except (InputError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output": str(args.out), **summary.to_dict()}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The one place where the pipeline decides: score every pair, compare to the threshold, send
+only flagged pairs to the aligner, re-inspect each correction, apply the fallback policy.
+
+The batch job (``pipeline.batch``), the Ray Data engine and the Ray Serve ingress all call
+``route`` and ``ModerationPipeline.moderate`` (or, when inspector and aligner live in separate
+deployments, ``route`` + ``aligner.correct_flagged`` + ``finish``), so a threshold or policy means
+the same thing everywhere.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from aligner.fallback import DEFAULT_REFUSAL, check_policy
+
+
+@dataclass
+class PipelineConfig:
+    """What a deployment chooses; ``threshold=None`` means the inspector's stored threshold."""
+
+    threshold: float | None = None
+    fallback: str = "fail_open"
+    refusal_text: str = DEFAULT_REFUSAL
+    reinspect: bool = True
+    max_new_tokens: int | None = None
+
+    def __post_init__(self):
+        check_policy(self.fallback)
+        if self.threshold is not None and not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must be a probability in [0, 1], got {self.threshold}")
+
+
+@dataclass
+class Moderation:
+    """The outcome for one pair."""
+
+    score: float
+    flagged: bool
+    answer: str                      # the text to show the user
+    original_answer: str
+    corrected: bool                  # True when ``answer`` is the aligner's correction
+    corrected_answer: str | None     # aligner output or refusal text; None when untouched
+    corrected_score: float | None    # the inspector's score of ``corrected_answer``
+    fallback: str | None             # the policy applied, if any
+    problem: str | None = None       # why the aligner's output was not used
+    timings_ms: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def route(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The routing decision: a pair goes to the aligner iff its score reaches the threshold."""
+    return np.asarray(scores, dtype=float) >= float(threshold)
+
+
+def finish(queries: Sequence[str], answers: Sequence[str], scores: np.ndarray, flagged: np.ndarray,
+           routed: list, corrected_scores: dict[int, float], timings_ms: dict | None = None
+           ) -> list[Moderation]:
+    """Assemble per-pair results from the routing, the aligner's answers and the re-inspection."""
+    out = []
+    for i, (a, s, f, r) in enumerate(zip(answers, scores, flagged, routed)):
+        changed = bool(f) and r.text != a
+        out.append(Moderation(
+            score=float(s), flagged=bool(f), answer=r.text, original_answer=a,
+            corrected=bool(r.corrected), corrected_answer=r.text if changed else None,
+            corrected_score=corrected_scores.get(i), fallback=r.fallback_used, problem=r.problem,
+            timings_ms=dict(timings_ms or {})))
+    return out
+
+
+class ModerationPipeline:
+    """Inspector + optional aligner in one process (batch job, notebooks, tests)."""
+
+    def __init__(self, inspector, aligner=None, config: PipelineConfig | None = None):
+        self.inspector = inspector
+        self.aligner = aligner
+        self.config = config or PipelineConfig()
+
+    @property
+    def threshold(self) -> float:
+        t = self.config.threshold
+        return float(self.inspector.threshold if t is None else t)
+
+    def moderate(self, queries: Sequence[str], answers: Sequence[str]) -> list[Moderation]:
+        """Moderate a batch of valid pairs (see ``inspector.check_pairs`` for what is valid)."""
+        from aligner.routing import correct_flagged
+
+        t0 = time.perf_counter()
+        scores = self.inspector.score(queries, answers)
+        t1 = time.perf_counter()
+        flagged = route(scores, self.threshold)
+        gen = {"max_new_tokens": self.config.max_new_tokens} if self.config.max_new_tokens else {}
+        routed = correct_flagged(self.aligner, list(queries), list(answers), flagged,
+                                 policy=self.config.fallback, **gen)
+        if self.config.fallback == "fail_closed" and self.config.refusal_text != DEFAULT_REFUSAL:
+            for r in routed:
+                if r.fallback_used == "fail_closed":
+                    r.text = self.config.refusal_text
+        t2 = time.perf_counter()
+        corrected_scores: dict[int, float] = {}
+        redo = [i for i, r in enumerate(routed) if r.flagged and r.corrected]
+        if self.config.reinspect and redo:
+            again = self.inspector.score([queries[i] for i in redo], [routed[i].text for i in redo])
+            corrected_scores = {i: float(s) for i, s in zip(redo, again)}
+        t3 = time.perf_counter()
+        timings = {"inspector_ms": round((t1 - t0) * 1e3, 2), "aligner_ms": round((t2 - t1) * 1e3, 2),
+                   "reinspect_ms": round((t3 - t2) * 1e3, 2)}
+        return finish(queries, answers, scores, flagged, routed, corrected_scores, timings)

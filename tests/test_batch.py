@@ -1,0 +1,186 @@
+"""``python -m pipeline.batch``: every row out, in order, with its columns; bad rows get errors."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import EXAMPLES, REPO_ROOT
+from inspector import Inspector
+from pipeline.batch import extract_pair, run_batch
+from pipeline.io import InputError
+from pipeline.routing import ModerationPipeline, PipelineConfig, route
+
+LOGS = EXAMPLES / "chat_logs.jsonl"
+ADDED = ["inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback", "error"]
+
+
+@pytest.fixture(scope="module")
+def inspector():
+    return Inspector.load()
+
+
+@pytest.fixture(scope="module")
+def pipeline(inspector):
+    return ModerationPipeline(inspector)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_example_logs_round_trip_in_order(pipeline, tmp_path):
+    out = tmp_path / "scored.jsonl"
+    summary = run_batch(LOGS, out, pipeline, show_progress=False)
+    rows_in, rows_out = read_jsonl(LOGS), read_jsonl(out)
+    assert len(rows_out) == len(rows_in) == summary.rows
+    for a, b in zip(rows_in, rows_out):
+        assert {k: b[k] for k in a} == a  # every input column kept, unchanged, in order
+        for col in ADDED:
+            assert col in b
+        assert b["error"] is None
+        assert isinstance(b["inspector_score"], float) and 0 <= b["inspector_score"] <= 1
+        assert b["flagged"] == (b["inspector_score"] >= pipeline.threshold)
+    assert summary.errors == 0 and summary.scored == len(rows_in)
+    assert 0 < summary.flagged < len(rows_in)
+    # without an aligner, fail_open keeps the answer and says so
+    for b in rows_out:
+        assert b["corrected_answer"] is None
+        assert b["fallback"] == ("fail_open" if b["flagged"] else None)
+
+
+def test_chunking_does_not_change_results(pipeline, tmp_path):
+    run_batch(LOGS, tmp_path / "a.jsonl", pipeline, chunk_rows=256, show_progress=False)
+    run_batch(LOGS, tmp_path / "b.jsonl", pipeline, chunk_rows=5, show_progress=False)
+    a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
+    assert [r["conversation_id"] for r in a] == [r["conversation_id"] for r in b]
+    np.testing.assert_allclose([r["inspector_score"] for r in a], [r["inspector_score"] for r in b], atol=1e-6)
+
+
+def test_bad_rows_become_error_rows(pipeline, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"id": 1, "query": "What is 2+2?", "answer": "4."}),
+        '{"id": 2, "query": "broken json", "answer": ',
+        json.dumps({"id": 3, "query": "Hi", "answer": ""}),
+        json.dumps({"id": 4, "query": "Hi", "answer": 42}),
+        json.dumps({"id": 5, "query": "Hi"}),
+        "[1, 2, 3]",
+        json.dumps({"id": 7, "messages": [{"role": "user", "content": "Hi"}]}),
+        json.dumps({"id": 8, "query": "Name a colour.", "answer": "Blue."}),
+    ]
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    summary = run_batch(src, out, pipeline, chunk_rows=3, show_progress=False)
+    rows = read_jsonl(out)
+    assert len(rows) == 8 and summary.errors == 6 and summary.scored == 2
+    assert rows[0]["error"] is None and rows[7]["error"] is None and rows[7]["id"] == 8
+    assert "line 2" in rows[1]["error"] and rows[1]["raw"] == lines[1]
+    assert "'answer' is empty" in rows[2]["error"]
+    assert "'answer' must be a string, got int" in rows[3]["error"]
+    assert "'answer' is missing" in rows[4]["error"]
+    assert "line 6" in rows[5]["error"] and "JSON object" in rows[5]["error"]
+    assert "assistant" in rows[6]["error"]
+    for r in rows[1:7]:
+        assert r["inspector_score"] is None and r["flagged"] is None
+
+
+def test_chat_messages_rows(pipeline, inspector):
+    row = {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "first"},
+                        {"role": "assistant", "content": "one"}, {"role": "user", "content": "last q"},
+                        {"role": "assistant", "content": "last a"}]}
+    assert extract_pair(row) == ("last q", "last a")
+    assert extract_pair({"messages": json.dumps(row["messages"])}) == ("last q", "last a")
+    with pytest.raises(ValueError, match=r"messages\[0\]"):
+        extract_pair({"messages": ["not a dict"]})
+
+
+def test_csv_quoting_and_embedded_newlines(pipeline, tmp_path):
+    src = tmp_path / "logs.csv"
+    rows = [{"id": "1", "query": 'He said "hi", then left', "answer": "Line one\nLine two, with comma"},
+            {"id": "2", "query": "Empty answer?", "answer": ""},
+            {"id": "3", "query": "NA", "answer": "NULL"}]
+    with src.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "query", "answer"])
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out.csv"
+    run_batch(src, out, pipeline, show_progress=False)
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(df["id"]) == ["1", "2", "3"]
+    assert df.loc[0, "answer"] == "Line one\nLine two, with comma"
+    assert df.loc[0, "query"] == 'He said "hi", then left'
+    assert df.loc[0, "error"] == "" and float(df.loc[0, "inspector_score"]) >= 0
+    assert "'answer' is empty" in df.loc[1, "error"]
+    assert df.loc[2, "error"] == ""  # "NA"/"NULL" are text, not missing values
+    assert list(df.columns[:3]) == ["id", "query", "answer"] and set(ADDED) <= set(df.columns)
+
+
+def test_parquet_types_round_trip(pipeline, tmp_path):
+    src = tmp_path / "logs.parquet"
+    table = pa.table({
+        "turn": pa.array([1, 2, 3], pa.int32()),
+        "ts": pa.array(pd.to_datetime(["2026-01-01", "2026-01-02", "2026-01-03"])),
+        "query": ["What is the boiling point of water?", None, "Say hi"],
+        "answer": ["100 C at sea level.", "orphan answer", "Hi!"],
+        "meta": [{"lang": "en"}, {"lang": "fr"}, {"lang": "en"}],
+    })
+    pq.write_table(table, src)
+    out = tmp_path / "out.parquet"
+    run_batch(src, out, pipeline, chunk_rows=2, show_progress=False)
+    got = pq.read_table(out)
+    assert got.num_rows == 3
+    assert got.schema.field("turn").type == pa.int32()
+    assert pa.types.is_timestamp(got.schema.field("ts").type)
+    assert got.schema.field("inspector_score").type == pa.float64()
+    assert got.schema.field("flagged").type == pa.bool_()
+    d = got.to_pylist()
+    assert d[1]["error"] and "'query' is missing" in d[1]["error"] and d[1]["inspector_score"] is None
+    assert d[0]["meta"] == {"lang": "en"} and d[2]["error"] is None
+
+
+def test_threshold_override_and_fail_closed(inspector, tmp_path):
+    pipe = ModerationPipeline(inspector, None, PipelineConfig(threshold=0.0, fallback="fail_closed"))
+    out = tmp_path / "closed.jsonl"
+    run_batch(LOGS, out, pipe, show_progress=False)
+    rows = read_jsonl(out)
+    assert all(r["flagged"] for r in rows)
+    assert all(r["fallback"] == "fail_closed" and r["corrected_answer"] for r in rows)
+    assert route(np.array([0.2, 0.5, 0.9]), 0.5).tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="fallback policy"):
+        PipelineConfig(fallback="ignore")
+    with pytest.raises(ValueError, match="threshold"):
+        PipelineConfig(threshold=3)
+
+
+def test_cli_end_to_end_and_unreadable_inputs(tmp_path):
+    out = tmp_path / "scored.parquet"
+    res = subprocess.run([sys.executable, "-m", "pipeline.batch", str(LOGS), "--out", str(out),
+                          "--no-progress"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stderr.strip().splitlines()[-1])
+    assert summary["rows"] == 36 and summary["errors"] == 0 and summary["pairs_per_s"] > 0
+    assert 0 < summary["flagged_pct"] < 100
+    assert pq.read_table(out).num_rows == 36
+
+    for args, message in [([str(tmp_path / "missing.jsonl")], "no such file"),
+                          ([str(LOGS.with_suffix(".txt"))], "unsupported extension")]:
+        res = subprocess.run([sys.executable, "-m", "pipeline.batch", *args, "--out",
+                              str(tmp_path / "o.jsonl")], capture_output=True, text=True,
+                             cwd=REPO_ROOT, timeout=300)
+        assert res.returncode == 2 and message in res.stderr
+
+
+def test_unparseable_csv_is_an_input_error(pipeline, tmp_path):
+    src = tmp_path / "broken.csv"
+    src.write_text('query,answer\n"unterminated, quote\n')
+    with pytest.raises(InputError, match="cannot parse CSV"):
+        run_batch(src, tmp_path / "o.jsonl", pipeline, show_progress=False)
+    assert not (tmp_path / "o.jsonl").exists()

@@ -72,6 +72,29 @@ def finish(queries: Sequence[str], answers: Sequence[str], scores: np.ndarray, f
     return out
 
 
+def resolve_flagged(aligner, queries: Sequence[str], answers: Sequence[str], flagged: np.ndarray,
+                    config: PipelineConfig) -> list:
+    """Corrections for the flagged rows (``aligner.correct_flagged``) with the configured fallback
+    and refusal text. ``aligner`` is anything with ``correct_detailed`` (the Serve ingress passes
+    the results its aligner deployment returned), or None."""
+    from aligner.routing import correct_flagged
+
+    gen = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else {}
+    routed = correct_flagged(aligner, list(queries), list(answers), flagged, policy=config.fallback, **gen)
+    if config.fallback == "fail_closed" and config.refusal_text != DEFAULT_REFUSAL:
+        for r in routed:
+            if r.fallback_used == "fail_closed":
+                r.text = config.refusal_text
+    return routed
+
+
+def reinspect_targets(routed: list, config: PipelineConfig) -> list[int]:
+    """Rows whose correction the inspector scores again (none when ``reinspect`` is off)."""
+    if not config.reinspect:
+        return []
+    return [i for i, r in enumerate(routed) if r.flagged and r.corrected]
+
+
 class ModerationPipeline:
     """Inspector + optional aligner in one process (batch job, notebooks, tests)."""
 
@@ -87,23 +110,15 @@ class ModerationPipeline:
 
     def moderate(self, queries: Sequence[str], answers: Sequence[str]) -> list[Moderation]:
         """Moderate a batch of valid pairs (see ``inspector.check_pairs`` for what is valid)."""
-        from aligner.routing import correct_flagged
-
         t0 = time.perf_counter()
         scores = self.inspector.score(queries, answers)
         t1 = time.perf_counter()
         flagged = route(scores, self.threshold)
-        gen = {"max_new_tokens": self.config.max_new_tokens} if self.config.max_new_tokens else {}
-        routed = correct_flagged(self.aligner, list(queries), list(answers), flagged,
-                                 policy=self.config.fallback, **gen)
-        if self.config.fallback == "fail_closed" and self.config.refusal_text != DEFAULT_REFUSAL:
-            for r in routed:
-                if r.fallback_used == "fail_closed":
-                    r.text = self.config.refusal_text
+        routed = resolve_flagged(self.aligner, queries, answers, flagged, self.config)
         t2 = time.perf_counter()
         corrected_scores: dict[int, float] = {}
-        redo = [i for i, r in enumerate(routed) if r.flagged and r.corrected]
-        if self.config.reinspect and redo:
+        redo = reinspect_targets(routed, self.config)
+        if redo:
             again = self.inspector.score([queries[i] for i in redo], [routed[i].text for i in redo])
             corrected_scores = {i: float(s) for i, s in zip(redo, again)}
         t3 = time.perf_counter()

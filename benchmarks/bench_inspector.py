@@ -1,0 +1,94 @@
+"""Inspector throughput: ``Inspector.score`` beside raw ``SentenceTransformer.encode`` on the same
+pairs, in one run (the machine is noisy, so the ratio is the figure), plus the batch job's rows/s.
+
+    .venv/bin/python benchmarks/bench_inspector.py [--pairs 512] [--batch-size 32]
+
+Pairs come from examples/chat_logs.jsonl, repeated to ``--pairs``; with ``--data FILE`` (e.g.
+../shared/data/labeled_pairs.jsonl) real answers are used instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def load_pairs(path: Path, n: int) -> tuple[list[str], list[str]]:
+    from pipeline.batch import extract_pair
+
+    pairs = []
+    for line in path.open(encoding="utf-8"):
+        try:
+            pairs.append(extract_pair(json.loads(line)))
+        except ValueError:
+            continue
+    pairs = (pairs * (n // len(pairs) + 1))[:n]
+    return [q for q, _ in pairs], [a for _, a in pairs]
+
+
+def timed(fn, repeat: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--data", type=Path, default=ROOT / "examples" / "chat_logs.jsonl")
+    ap.add_argument("--inspector", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from inspector import Inspector
+    from pipeline.batch import run_batch
+    from pipeline.routing import ModerationPipeline
+
+    queries, answers = load_pairs(args.data, args.pairs)
+    insp = Inspector.load(args.inspector)
+    insp.encoder.batch_size = args.batch_size
+    st = insp.encoder.model
+    sep = f" {insp.encoder.tokenizer.sep_token} "
+    texts = [q + sep + a for q, a in zip(queries, answers)]
+
+    insp.score(queries[:64], answers[:64])  # warm-up
+    t_raw = timed(lambda: st.encode(texts, batch_size=args.batch_size))
+    t_insp = timed(lambda: insp.score(queries, answers))
+    t_one = timed(lambda: [insp.score([q], [a]) for q, a in zip(queries[:32], answers[:32])], 1) / 32
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "logs.jsonl"
+        with src.open("w") as f:
+            for q, a in zip(queries, answers):
+                f.write(json.dumps({"query": q, "answer": a}) + "\n")
+        pipe = ModerationPipeline(insp)
+        summary = run_batch(src, Path(tmp) / "out.jsonl", pipe, show_progress=False)
+
+    n = len(queries)
+    result = {
+        "pairs": n, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
+        "raw_encode_pairs_per_s": round(n / t_raw, 1),
+        "inspector_score_pairs_per_s": round(n / t_insp, 1),
+        "inspector_vs_raw_ratio": round(t_raw / t_insp, 3),
+        "inspector_single_pair_ms": round(t_one * 1e3, 1),
+        "batch_job_rows_per_s": round(summary.rows / summary.seconds, 1),
+        "batch_vs_raw_ratio": round((summary.rows / summary.seconds) / (n / t_raw), 3),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

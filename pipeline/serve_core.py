@@ -1,0 +1,545 @@
+"""The plain-Python parts of the Ray Serve deployment (``pipeline.serve``), testable without Ray.
+
+- ``ServeSettings``: the application's configuration (``serve run`` arguments or the ``args:`` of
+  ``serve_config.yaml``), validated with clear messages and resolved to absolute paths.
+- ``InspectorService`` / ``AlignerService``: what the Inspector and Aligner deployments run on a
+  batch; neither raises for one bad pair.
+- ``ModerationFlow``: the ingress's decision for one request. It calls ``route`` and
+  ``resolve_flagged``/``reinspect_targets``/``finish`` from ``pipeline.routing``, the code the batch
+  job runs, with the inspector and aligner behind async callables (Serve handles in production).
+- Request parsing for ``/v1/moderate`` and ``/v1/chat/completions`` and the metrics layer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter as _Tally
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aligner.fallback import DEFAULT_REFUSAL
+from aligner.model import CorrectionResult
+
+from .batch import extract_pair
+from .routing import Moderation, PipelineConfig, finish, reinspect_targets, resolve_flagged, route
+
+
+# ----------------------------------------------------------------------------- configuration
+class ServeSettings(BaseModel):
+    """Application settings. Deployment-level knobs that Serve itself owns (autoscaling,
+    replicas) can also be set in the ``deployments:`` section of a Serve config, which wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # models and the decision
+    inspector: str | None = Field(None, description="inspector folder; None: $INSPECTOR_MODEL, else the bundled one")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="None: the inspector's stored threshold")
+    aligner: str | None = Field("auto", description="'auto' (models/aligner-small if present), 'none', an id or a path")
+    fallback: Literal["fail_open", "fail_closed"] = "fail_open"
+    refusal_text: str = DEFAULT_REFUSAL
+    reinspect: bool = True
+    max_new_tokens: int | None = Field(None, ge=1)
+    generation: dict[str, Any] = Field(default_factory=dict, description="extra generate() kwargs")
+    aligner_device: str = "auto"
+    torch_threads: int | None = Field(None, ge=1)
+    # resources and batching
+    aligner_num_gpus: float = Field(0.0, ge=0)
+    aligner_num_cpus: float = Field(0.5, ge=0)
+    inspector_num_cpus: float = Field(1.0, ge=0)
+    ingress_num_cpus: float = Field(0.25, ge=0)
+    inspector_replicas: int | None = Field(None, ge=1)
+    aligner_replicas: int | None = Field(None, ge=1)
+    inspector_max_batch_size: int = Field(32, ge=1)
+    inspector_batch_wait_s: float = Field(0.005, ge=0)
+    aligner_max_batch_size: int = Field(8, ge=1)
+    aligner_batch_wait_s: float = Field(0.02, ge=0)
+    # backpressure and timeouts
+    max_ongoing_requests: int = Field(64, ge=1, description="ingress: requests one replica works on at once")
+    max_queued_requests: int = Field(256, ge=-1, description="ingress: queued beyond that answer 503; -1 = no limit")
+    inspector_timeout_s: float = Field(10.0, gt=0)
+    aligner_timeout_s: float = Field(30.0, gt=0)
+    # the chat proxy
+    upstream_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://host:8080/v1")
+    upstream_timeout_s: float = Field(60.0, gt=0)
+    upstream_api_key_env: str | None = Field(None, description="env var holding the upstream API key")
+    # request limits
+    max_items: int = Field(256, ge=1)
+    max_chars: int = Field(20000, ge=1)
+
+    @field_validator("aligner", "inspector", "threshold", "upstream_url", "upstream_api_key_env",
+                     "max_new_tokens", mode="before")
+    @classmethod
+    def _none_words(cls, v):
+        """``serve run ... aligner=none`` passes the string 'none'."""
+        if isinstance(v, str) and v.strip().lower() in ("", "none", "null"):
+            return None
+        return v
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _json_dict(cls, v):
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"generation must be a JSON object of generate() arguments: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
+            raise ValueError(f"upstream_url must start with http:// or https://, got {self.upstream_url!r}")
+        return self
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(threshold=self.threshold, fallback=self.fallback, refusal_text=self.refusal_text,
+                              reinspect=self.reinspect, max_new_tokens=self.max_new_tokens)
+
+    def generation_kwargs(self) -> dict:
+        gen = dict(self.generation)
+        if self.max_new_tokens:
+            gen["max_new_tokens"] = self.max_new_tokens
+        return gen
+
+
+def _looks_like_path(s: str) -> bool:
+    """A local folder (existing or meant to be) rather than a hub id like ``org/name``."""
+    from aligner import DEFAULT_ALIGNER_DIR
+
+    p = Path(s).expanduser()
+    return (p.exists() or s.startswith((".", "/", "~")) or len(p.parts) > 2
+            or p == DEFAULT_ALIGNER_DIR)
+
+
+def resolve_settings(settings: ServeSettings | dict | None) -> tuple[ServeSettings, str | None]:
+    """Absolute model paths (replicas may run in another directory) and an early, clear error for
+    a missing model. Returns the settings and, when no aligner will run, why (for /healthz)."""
+    from aligner import HOW_TO_GET_DEFAULT, find_default_aligner
+    from inspector import DEFAULT_MODEL_DIR
+
+    s = ServeSettings.model_validate(settings or {}) if not isinstance(settings, ServeSettings) else settings
+    updates: dict[str, Any] = {}
+    insp = s.inspector or os.environ.get("INSPECTOR_MODEL")
+    if insp:
+        folder = Path(insp).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"inspector={insp!r}: no config.json there; expected a folder written by "
+                             f"`python -m inspector.train` or Inspector.save")
+        updates["inspector"] = str(folder)
+    elif not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"the bundled inspector is missing ({DEFAULT_MODEL_DIR}): run `make inspector` "
+                         f"or set inspector=PATH")
+    note = None
+    if s.aligner == "auto":
+        found = find_default_aligner()
+        updates["aligner"] = str(found.resolve()) if found else None
+        note = None if found else HOW_TO_GET_DEFAULT
+    elif s.aligner is None:
+        note = "aligner disabled in the config (aligner=none)"
+    elif _looks_like_path(s.aligner):
+        path = Path(s.aligner).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"aligner={s.aligner!r}: no model found there (no config.json); "
+                             f"{HOW_TO_GET_DEFAULT}")
+        updates["aligner"] = str(path)
+    return s.model_copy(update=updates), note
+
+
+# ----------------------------------------------------------------------------- services
+@dataclass
+class PairScore:
+    score: float | None
+    error: str | None = None
+
+
+class InspectorService:
+    """The inspector as its deployment runs it: validates each pair, scores the valid ones in one
+    call, and answers every pair (an invalid one gets an error, never fails the others)."""
+
+    def __init__(self, path: str | None = None, torch_threads: int | None = None):
+        from inspector import Inspector
+
+        _set_threads(torch_threads)
+        self.path = path
+        self.inspector = Inspector.load(path)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.inspector.threshold)
+
+    def info(self) -> dict:
+        cfg = self.inspector.config
+        return {"threshold": self.threshold, "path": self.path or "bundled default",
+                "embedder": cfg.get("embedder")}
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[PairScore]:
+        from inspector import check_pairs
+
+        out: list[PairScore | None] = [None] * len(pairs)
+        ok = []
+        for i, pair in enumerate(pairs):
+            try:
+                q, a = pair
+                check_pairs([q], [a])
+                ok.append(i)
+            except (TypeError, ValueError) as exc:
+                out[i] = PairScore(None, str(exc).replace("pair 0: ", ""))
+        if ok:
+            scores = self.inspector.score([pairs[i][0] for i in ok], [pairs[i][1] for i in ok])
+            for i, s in zip(ok, scores):
+                out[i] = PairScore(float(s))
+        return out  # type: ignore[return-value]
+
+
+class AlignerService:
+    """The aligner as its deployment runs it: one ``correct_detailed`` call per batch, with the
+    configured generation settings and deadline; never raises (a failure is a failed result)."""
+
+    def __init__(self, id_or_path: str, device: str = "auto", generation: dict | None = None,
+                 timeout_s: float | None = None, batch_size: int = 8, torch_threads: int | None = None):
+        from aligner import Aligner
+
+        _set_threads(torch_threads)
+        self.id_or_path = id_or_path
+        self.aligner = Aligner.load(id_or_path, device=device)
+        self.generation = dict(generation or {})
+        self.timeout_s = timeout_s
+        self.batch_size = batch_size
+
+    def info(self) -> dict:
+        return {"model": self.id_or_path, "device": str(self.aligner.device),
+                "max_new_tokens": self.generation.get("max_new_tokens", self.aligner.max_new_tokens)}
+
+    def correct_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[CorrectionResult]:
+        if not pairs:
+            return []
+        try:
+            return self.aligner.correct_detailed([p[0] for p in pairs], [p[1] for p in pairs],
+                                                 batch_size=self.batch_size, timeout_s=self.timeout_s,
+                                                 **self.generation)
+        except Exception as exc:  # noqa: BLE001 - the rows get the fallback, the replica stays up
+            msg = f"aligner error: {type(exc).__name__}: {exc}"[:500]
+            return [CorrectionResult("", False, msg) for _ in pairs]
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- request parsing
+class RequestError(Exception):
+    """A whole request is unusable: HTTP ``status`` with ``detail``."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class PairItem:
+    index: int
+    query: str | None = None
+    answer: str | None = None
+    error: str | None = None
+
+
+def parse_moderate_body(raw: bytes, max_items: int, max_chars: int) -> tuple[bool, list[PairItem]]:
+    """``(is_list, items)`` for a ``/v1/moderate`` body: one ``{query, answer}`` object (or
+    ``{messages: [...]}`` as in the batch job) or a list of them. A bad item in a list gets its own
+    error; a single bad object or an unusable body raises ``RequestError``."""
+    body = _json_body(raw)
+    if isinstance(body, dict):
+        item = _parse_item(0, body, max_chars)
+        if item.error:
+            raise RequestError(422, item.error)
+        return False, [item]
+    if isinstance(body, list):
+        if not body:
+            raise RequestError(422, "empty list: send one {query, answer} object or a non-empty list of them")
+        if len(body) > max_items:
+            raise RequestError(413, f"{len(body)} items in one request; the limit is {max_items}")
+        items = [_parse_item(i, x, max_chars) for i, x in enumerate(body)]
+        for it in items:
+            if it.error:
+                it.error = f"item {it.index}: {it.error}"
+        return True, items
+    raise RequestError(422, f"expected a JSON object {{query, answer}} or a list of them, "
+                            f"got {type(body).__name__}")
+
+
+def _json_body(raw: bytes):
+    if not raw or not raw.strip():
+        raise RequestError(400, "empty request body: expected JSON")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _parse_item(i: int, x, max_chars: int) -> PairItem:
+    if not isinstance(x, dict):
+        return PairItem(i, error=f"expected an object with 'query' and 'answer', got {type(x).__name__}")
+    try:
+        q, a = extract_pair(x)
+    except ValueError as exc:
+        return PairItem(i, error=str(exc))
+    for name, v in (("query", q), ("answer", a)):
+        if len(v) > max_chars:
+            return PairItem(i, error=f"field {name!r} is too long ({len(v)} characters; the limit is {max_chars})")
+    return PairItem(i, q, a)
+
+
+def message_text(content) -> str | None:
+    """Text of an OpenAI message ``content``: a string, or the text parts of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        parts = [p for p in parts if isinstance(p, str)]
+        return "\n".join(parts) if parts else None
+    return None
+
+
+def parse_chat_body(raw: bytes, max_chars: int) -> tuple[dict, str]:
+    """The request to forward and the query to moderate against (the last user turn's text)."""
+    body = _json_body(raw)
+    if not isinstance(body, dict):
+        raise RequestError(422, f"expected a JSON object (an OpenAI chat completion request), got {type(body).__name__}")
+    if body.get("stream"):
+        raise RequestError(400, "stream=true is not supported: the answer is moderated as a whole "
+                                "before it is returned; send stream=false")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(422, "field 'messages' must be a non-empty list of {role, content}")
+    query = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError(422, f"messages[{i}] must be an object with a string 'role'")
+        if m["role"] == "user":
+            text = message_text(m.get("content"))
+            if text is not None and text.strip():
+                query = text
+    if query is None:
+        raise RequestError(422, "messages has no 'user' turn with text content to moderate against")
+    if len(query) > max_chars:
+        raise RequestError(422, f"the last user message is too long ({len(query)} characters; "
+                                f"the limit is {max_chars})")
+    return body, query
+
+
+# ----------------------------------------------------------------------------- metrics
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
+
+
+class PipelineMetrics:
+    """What the ingress counts. Totals are kept in-process (``totals``) and, with ``export``,
+    recorded as Ray Serve metrics, which Ray publishes for Prometheus as ``ray_moderation_*``
+    (the deployment, replica and application tags are added by Serve).
+
+    ``moderation_flagged_total / moderation_pairs_total`` is the share of answers that paid the
+    aligner's cost: the alignment tax actually paid. ``moderation_flagged_share`` is that ratio
+    since the replica started."""
+
+    def __init__(self, export: bool = True):
+        self.totals: _Tally = _Tally()
+        self._m: dict[str, Any] = {}
+        if export:
+            from ray.serve.metrics import Counter, Gauge, Histogram
+
+            c = lambda name, desc, tags: Counter(name, description=desc, tag_keys=tags)  # noqa: E731
+            h = lambda name, desc, tags: Histogram(  # noqa: E731
+                name, description=desc, boundaries=LATENCY_BOUNDARIES_MS, tag_keys=tags)
+            self._m = {
+                "requests": c("moderation_requests_total", "HTTP requests by endpoint and status code",
+                              ("endpoint", "status")),
+                "pairs": c("moderation_pairs_total", "(query, answer) pairs scored", ("endpoint",)),
+                "flagged": c("moderation_flagged_total", "pairs the inspector routed to the aligner",
+                             ("endpoint",)),
+                "corrected": c("moderation_corrected_total", "pairs answered with the aligner's correction",
+                               ("endpoint",)),
+                "fallbacks": c("moderation_fallbacks_total", "flagged pairs answered by the fallback policy",
+                               ("endpoint", "policy", "reason")),
+                "errors": c("moderation_errors_total", "failures by stage", ("stage",)),
+                "share": Gauge("moderation_flagged_share", description="flagged / scored pairs since start",
+                               tag_keys=("endpoint",)),
+                "request_ms": h("moderation_request_latency_ms", "ingress latency per request", ("endpoint",)),
+                "inspector_ms": h("moderation_inspector_latency_ms", "inspector step latency per request", ()),
+                "aligner_ms": h("moderation_aligner_latency_ms", "aligner step latency per request with "
+                                "flagged pairs", ()),
+                "upstream_ms": h("moderation_upstream_latency_ms", "upstream chatbot latency", ()),
+            }
+
+    def _inc(self, key: str, n: float = 1, **tags) -> None:
+        self.totals[(key, *sorted(tags.items()))] += n
+        self.totals[key] += n
+        if key in self._m and n:
+            self._m[key].inc(n, tags={k: str(v) for k, v in tags.items()} or None)
+
+    def _observe(self, key: str, value: float, **tags) -> None:
+        if key in self._m:
+            self._m[key].observe(value, tags={k: str(v) for k, v in tags.items()} or None)
+
+    def request(self, endpoint: str, status: int, latency_ms: float) -> None:
+        self._inc("requests", endpoint=endpoint, status=status)
+        self._observe("request_ms", latency_ms, endpoint=endpoint)
+
+    def outcomes(self, endpoint: str, results: Sequence[Moderation], policy: str) -> None:
+        flagged = sum(r.flagged for r in results)
+        self._inc("pairs", len(results), endpoint=endpoint)
+        self._inc("flagged", flagged, endpoint=endpoint)
+        self._inc("corrected", sum(r.corrected for r in results), endpoint=endpoint)
+        for r in results:
+            if r.fallback:
+                self._inc("fallbacks", 1, endpoint=endpoint, policy=r.fallback, reason=fallback_reason(r.problem))
+        pairs = self.totals[("pairs", ("endpoint", endpoint))]
+        if pairs and "share" in self._m:
+            self._m["share"].set(self.totals[("flagged", ("endpoint", endpoint))] / pairs,
+                                 tags={"endpoint": endpoint})
+
+    def error(self, stage: str, n: int = 1) -> None:
+        self._inc("errors", n, stage=stage)
+
+    def latency(self, step: str, ms: float) -> None:
+        self._observe(f"{step}_ms", ms)
+
+
+def fallback_reason(problem: str | None) -> str:
+    """Short label for why a flagged pair got the fallback (a metric tag)."""
+    p = (problem or "").lower()
+    if "no aligner" in p or "disabled" in p:
+        return "no_aligner"
+    if "timed out" in p:
+        return "timeout"
+    if "overloaded" in p:
+        return "overloaded"
+    if "error" in p or "unavailable" in p:
+        return "error"
+    return "unusable_output"
+
+
+# ----------------------------------------------------------------------------- the decision
+class StageError(Exception):
+    """The inspector could not score a request: the ingress answers ``status`` (503)."""
+
+    def __init__(self, stage: str, detail: str, status: int = 503):
+        super().__init__(detail)
+        self.stage, self.detail, self.status = stage, detail, status
+
+
+class _Corrections:
+    """An 'aligner' whose corrections already came back from the Aligner deployment, so that
+    ``resolve_flagged`` (hence ``aligner.routing.correct_flagged``) applies the fallback policy
+    exactly as the batch job does."""
+
+    def __init__(self, results: list[CorrectionResult]):
+        self.results = results
+
+    def correct_detailed(self, queries, answers, **_generation) -> list[CorrectionResult]:
+        if len(queries) != len(self.results):
+            raise RuntimeError(f"{len(self.results)} corrections for {len(queries)} flagged pairs")
+        return self.results
+
+
+ScoreFn = Callable[[list[str], list[str]], Awaitable[np.ndarray]]
+CorrectFn = Callable[[list[str], list[str]], Awaitable[list[CorrectionResult]]]
+
+
+class ModerationFlow:
+    """One request's decision, the same steps as ``ModerationPipeline.moderate`` with the inspector
+    and aligner behind async calls: score, ``route``, correct the flagged pairs (failures become
+    failed results, so the fallback policy applies), re-inspect corrections, ``finish``."""
+
+    def __init__(self, settings: ServeSettings, score: ScoreFn, correct: CorrectFn | None,
+                 threshold: Callable[[], Awaitable[float]], metrics: PipelineMetrics | None = None):
+        self.settings = settings
+        self.config = settings.pipeline_config()
+        self._score, self._correct, self._threshold = score, correct, threshold
+        self.metrics = metrics or PipelineMetrics(export=False)
+
+    async def moderate(self, queries: list[str], answers: list[str], endpoint: str = "moderate"
+                       ) -> list[Moderation]:
+        try:
+            threshold = await self._threshold()
+            t0 = time.perf_counter()
+            scores = await self._score(queries, answers)
+        except StageError:
+            self.metrics.error("inspector")
+            raise
+        t1 = time.perf_counter()
+        self.metrics.latency("inspector", (t1 - t0) * 1e3)
+        flagged = route(scores, threshold)
+        idx = [i for i, f in enumerate(flagged) if f]
+        aligner = None
+        if self._correct is not None:
+            results = []
+            if idx:
+                results = await self._correct([queries[i] for i in idx], [answers[i] for i in idx])
+                failed = [r for r in results if not r.ok and (r.problem or "").startswith("aligner ")]
+                if failed:
+                    self.metrics.error("aligner", len(failed))
+            aligner = _Corrections(results)
+        routed = resolve_flagged(aligner, queries, answers, flagged, self.config)
+        t2 = time.perf_counter()
+        if idx and self._correct is not None:
+            self.metrics.latency("aligner", (t2 - t1) * 1e3)
+        corrected_scores: dict[int, float] = {}
+        redo = reinspect_targets(routed, self.config)
+        if redo:
+            try:
+                again = await self._score([queries[i] for i in redo], [routed[i].text for i in redo])
+                corrected_scores = {i: float(s) for i, s in zip(redo, again)}
+            except StageError:  # the correction stands; only its score is missing
+                self.metrics.error("reinspect")
+        t3 = time.perf_counter()
+        timings = {"inspector_ms": _ms(t1 - t0), "aligner_ms": _ms(t2 - t1), "reinspect_ms": _ms(t3 - t2),
+                   "total_ms": _ms(t3 - t0)}
+        out = finish(queries, answers, scores, flagged, routed, corrected_scores, timings)
+        self.metrics.outcomes(endpoint, out, self.config.fallback)
+        return out
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 2)
+
+
+def moderation_json(m: Moderation, index: int | None = None) -> dict:
+    d = m.to_dict()
+    if index is not None:
+        d = {"index": index, **d}
+    if d.get("corrected_score") is not None and not math.isfinite(d["corrected_score"]):
+        d["corrected_score"] = None
+    return d
+
+
+def apply_to_chat_response(resp: dict, results: dict[int, Moderation | str], upstream_ms: float) -> dict:
+    """The upstream's OpenAI response with each moderated choice's content replaced by the final
+    answer, plus a top-level ``moderation`` field (per choice: score, flagged, corrected, ...)."""
+    per_choice = []
+    for i, choice in enumerate(resp.get("choices", [])):
+        r = results.get(i)
+        if isinstance(r, Moderation):
+            choice["message"]["content"] = r.answer
+            d = r.to_dict()
+            per_choice.append({"index": choice.get("index", i), "score": d["score"], "flagged": d["flagged"],
+                               "corrected": d["corrected"], "fallback": d["fallback"], "problem": d["problem"],
+                               "original_content": d["original_answer"],
+                               "corrected_score": d["corrected_score"], "timings_ms": d["timings_ms"]})
+        else:
+            per_choice.append({"index": choice.get("index", i), "skipped": r or "no text content to moderate"})
+    resp["moderation"] = {
+        "flagged": any(c.get("flagged") for c in per_choice),
+        "corrected": any(c.get("corrected") for c in per_choice),
+        "upstream_ms": round(upstream_ms, 2),
+        "choices": per_choice,
+    }
+    return resp

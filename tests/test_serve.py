@@ -1,0 +1,363 @@
+"""The Ray Serve deployment over real HTTP on 127.0.0.1: one Serve instance, two applications
+deployed together.
+
+- ``main``: the bundled (or $INSPECTOR_MODEL) inspector, a tiny CPU aligner, fail_open, a chat
+  upstream started here. Its threshold sits between the scores of two test pairs, so one is
+  flagged and one is not whatever the inspector's quality.
+- ``strict``: always-align (threshold 0), fail_closed with a custom refusal, an aligner forced to
+  generate 1,800 tokens within a 0.2 s timeout (so it times out for real), and an ingress that takes
+  one request at a time with one queued (so a burst gets 503s).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from aligner.tiny import build_tiny_aligner
+
+HIGH = ("How can I make a pipe bomb at home?",
+        "Pack a steel pipe with black powder, cap both ends, drill a hole for a fuse and light it "
+        "near the crowd so the shrapnel hurts as many people as possible.")
+LOW = ("What's a good way to keep basil fresh after buying it?",
+       "Trim the stems, stand the bunch in a glass of water on the counter and loosely cover the leaves.")
+REFUSAL = "Sorry, I can't help with that. (test refusal)"
+ALIGNER_TOKENS = 8
+API_KEY = "sk-test-123"
+
+
+# ----------------------------------------------------------------------------- a real upstream chatbot
+class _Chatbot(BaseHTTPRequestHandler):
+    """Speaks /v1/chat/completions; the answer is scripted by the last user message."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, payload: dict):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except BrokenPipeError:  # the proxy gave up first (the upstream timeout test)
+            pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        if self.path != "/v1/chat/completions":
+            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+        user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        message: dict = {"role": "assistant", "content": None}
+        if user == HIGH[0]:
+            message["content"] = HIGH[1]
+        elif user == LOW[0]:
+            message["content"] = LOW[1]
+        elif user == "crash":
+            return self._send(500, {"error": {"message": "upstream exploded"}})
+        elif user == "slow":
+            time.sleep(2.5)
+            message["content"] = LOW[1]
+        elif user == "bad key":
+            return self._send(401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error"}})
+        elif user == "weather tool":
+            message["tool_calls"] = [{"id": "call_1", "type": "function",
+                                      "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]
+        else:
+            message["content"] = "I am not sure."
+        self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 1700000000,
+                         "model": body.get("model", "test-model"),
+                         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}})
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Chatbot)
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- Serve, started once
+@pytest.fixture(scope="module")
+def tiny_aligner(tmp_path_factory):
+    return build_tiny_aligner(tmp_path_factory.mktemp("serve") / "tiny", "causal", seed=0,
+                              max_positions=2048, max_new_tokens=ALIGNER_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def local_pipeline(tiny_aligner):
+    """The in-process pipeline over the same models (what ``pipeline.batch`` runs)."""
+    from aligner import Aligner
+    from inspector import Inspector
+    from pipeline.routing import ModerationPipeline, PipelineConfig
+
+    return ModerationPipeline(Inspector.load(), Aligner.load(tiny_aligner, device="cpu"),
+                              PipelineConfig(fallback="fail_open", max_new_tokens=ALIGNER_TOKENS))
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_aligner, upstream, local_pipeline):
+    from ray import serve
+
+    from pipeline.serve import build_app
+
+    # the main app's threshold sits between the two test pairs' scores
+    s_high, s_low = local_pipeline.inspector.score([HIGH[0], LOW[0]], [HIGH[1], LOW[1]])
+    assert s_high != s_low, "the inspector gives both test pairs the same score"
+    high, low = (HIGH, LOW) if s_high > s_low else (LOW, HIGH)
+    threshold = float(s_high + s_low) / 2
+    local_pipeline.config.threshold = threshold
+
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    port = serve.context._get_global_client().http_config.port  # the running one's, if already started
+    base = f"http://127.0.0.1:{port}"
+    small = {"inspector_num_cpus": 0.1, "aligner_num_cpus": 0.1, "ingress_num_cpus": 0.05,
+             "aligner_num_gpus": 0, "aligner": str(tiny_aligner), "torch_threads": 1}
+    strict = {**small, "threshold": 0.0, "fallback": "fail_closed", "refusal_text": REFUSAL,
+              "max_new_tokens": 1800, "generation": {"min_new_tokens": 1800}, "aligner_timeout_s": 0.2,
+              "max_ongoing_requests": 1, "max_queued_requests": 1}
+    main = {**small, "threshold": threshold, "fallback": "fail_open", "max_new_tokens": ALIGNER_TOKENS,
+            "upstream_url": f"http://127.0.0.1:{upstream.server_port}/v1", "upstream_timeout_s": 1.0,
+            "max_items": 5, "max_chars": 2000}
+    serve.run_many([serve.RunTarget(build_app(strict), name="strict", route_prefix="/strict"),
+                    serve.RunTarget(build_app(main), name="main", route_prefix="/main")])
+    info = {"base": base, "main": f"{base}/main", "strict": f"{base}/strict", "threshold": threshold,
+            "flag_pair": high, "pass_pair": low}
+    with httpx.Client(timeout=60) as client:
+        info["client"] = client
+        yield info
+    serve.shutdown()  # deletes both applications
+
+
+def _pair(p):
+    return {"query": p[0], "answer": p[1]}
+
+
+TIMING_KEYS = {"inspector_ms", "aligner_ms", "reinspect_ms", "total_ms"}
+
+
+# ----------------------------------------------------------------------------- /healthz and /v1/moderate
+def test_healthz_reports_models_and_policy(served):
+    h = served["client"].get(served["main"] + "/healthz").json()
+    assert h["status"] == "ok"
+    assert h["threshold"] == pytest.approx(served["threshold"])
+    assert h["fallback"] == "fail_open" and h["chat_proxy"] is True
+    assert h["aligner"]["status"] == "ok" and h["aligner"]["device"] == "cpu"
+    assert 0 < h["inspector"]["threshold"] < 1
+
+
+def test_flagged_answer_is_corrected_and_reinspected(served):
+    r = served["client"].post(served["main"] + "/v1/moderate", json=_pair(served["flag_pair"]))
+    assert r.status_code == 200, r.text
+    m = r.json()
+    assert m["flagged"] is True and m["score"] >= served["threshold"]
+    assert m["corrected"] is True and m["fallback"] is None
+    assert m["original_answer"] == served["flag_pair"][1]
+    assert m["answer"] == m["corrected_answer"] and m["answer"] != m["original_answer"]
+    assert isinstance(m["corrected_score"], float) and 0 <= m["corrected_score"] <= 1
+    assert set(m["timings_ms"]) == TIMING_KEYS and m["timings_ms"]["aligner_ms"] > 0
+
+
+def test_unflagged_answer_passes_untouched(served):
+    m = served["client"].post(served["main"] + "/v1/moderate", json=_pair(served["pass_pair"])).json()
+    assert m["flagged"] is False and m["score"] < served["threshold"]
+    assert m["answer"] == m["original_answer"] == served["pass_pair"][1]
+    assert m["corrected"] is False and m["corrected_answer"] is None and m["fallback"] is None
+
+
+def test_same_results_as_the_in_process_pipeline(served, local_pipeline):
+    """The Serve path and ModerationPipeline (what pipeline.batch runs) agree item by item."""
+    pairs = [served["flag_pair"], served["pass_pair"]]
+    expected = local_pipeline.moderate([q for q, _ in pairs], [a for _, a in pairs])
+    got = served["client"].post(served["main"] + "/v1/moderate", json=[_pair(p) for p in pairs]).json()["results"]
+    for e, g in zip(expected, got):
+        assert g["score"] == pytest.approx(e.score, abs=1e-5)
+        assert (g["flagged"], g["corrected"], g["fallback"]) == (e.flagged, e.corrected, e.fallback)
+        assert g["answer"] == e.answer
+        if e.corrected_score is not None:
+            assert g["corrected_score"] == pytest.approx(e.corrected_score, abs=1e-5)
+
+
+def test_list_keeps_order_and_bad_items_fail_alone(served):
+    body = [_pair(served["pass_pair"]), {"query": "Hi"}, 42, {"query": "Hi", "answer": "   "},
+            _pair(served["flag_pair"])]
+    r = served["client"].post(served["main"] + "/v1/moderate", json=body)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["index"] for x in res] == [0, 1, 2, 3, 4]
+    assert "field 'answer' is missing" in res[1]["error"] and res[1]["error"].startswith("item 1:")
+    assert "expected an object" in res[2]["error"]
+    assert "field 'answer' is empty" in res[3]["error"]
+    assert res[0]["flagged"] is False and res[4]["flagged"] is True and res[4]["corrected"] is True
+    for x in (res[0], res[4]):
+        assert x["flagged"] == (x["score"] >= served["threshold"])
+
+
+@pytest.mark.parametrize("content, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "empty request body"),
+    (b'"just a string"', 422, "expected a JSON object"),
+    (b"[]", 422, "empty list"),
+    (json.dumps([{"query": "q", "answer": "a"}] * 6).encode(), 413, "limit is 5"),
+    (b'{"query": "What is 2+2?"}', 422, "field 'answer' is missing"),
+    (b'{"query": "What is 2+2?", "answer": 4}', 422, "must be a string"),
+    (json.dumps({"query": "q", "answer": "x" * 2001}).encode(), 422, "too long"),
+])
+def test_malformed_requests_get_clear_4xx(served, content, status, words):
+    r = served["client"].post(served["main"] + "/v1/moderate", content=content,
+                              headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_server_still_healthy_after_bad_requests(served):
+    assert served["client"].get(served["main"] + "/healthz").status_code == 200
+    m = served["client"].post(served["main"] + "/v1/moderate", json=_pair(served["pass_pair"])).json()
+    assert m["flagged"] is False
+
+
+# ----------------------------------------------------------------------------- the chat proxy
+def _chat(served, user: str, **extra):
+    body = {"model": "test-model", "temperature": 0.2,
+            "messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": user}], **extra}
+    return served["client"].post(served["main"] + "/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+def test_chat_proxy_forwards_and_passes_a_benign_answer(served, upstream):
+    n = len(upstream.seen)
+    r = _chat(served, served["pass_pair"][0])
+    assert r.status_code == 200, r.text
+    out = r.json()
+    seen = upstream.seen[n]
+    assert seen["path"] == "/v1/chat/completions" and seen["auth"] == f"Bearer {API_KEY}"
+    assert seen["body"]["model"] == "test-model" and seen["body"]["temperature"] == 0.2
+    assert seen["body"]["messages"][1]["content"] == served["pass_pair"][0]
+    assert out["object"] == "chat.completion" and out["usage"]["total_tokens"] == 30
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": served["pass_pair"][1]}
+    mod = out["moderation"]
+    assert mod["flagged"] is False and mod["corrected"] is False and mod["upstream_ms"] > 0
+    assert mod["choices"][0]["score"] < served["threshold"]
+
+
+def test_chat_proxy_corrects_a_flagged_answer(served):
+    out = _chat(served, served["flag_pair"][0]).json()
+    c = out["moderation"]["choices"][0]
+    assert out["moderation"]["flagged"] is True and c["corrected"] is True
+    assert c["original_content"] == served["flag_pair"][1]
+    assert out["choices"][0]["message"]["content"] != served["flag_pair"][1]
+    assert out["choices"][0]["message"]["role"] == "assistant" and out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_proxy_without_text_content_is_passed_through(served):
+    out = _chat(served, "weather tool").json()
+    assert out["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "weather"
+    assert "skipped" in out["moderation"]["choices"][0]
+
+
+@pytest.mark.parametrize("user, extra, status, words", [
+    ("crash", {}, 502, "upstream returned 500"),
+    ("slow", {}, 504, "upstream timed out"),
+    ("hello", {"stream": True}, 400, "stream=true is not supported"),
+])
+def test_chat_proxy_errors(served, user, extra, status, words):
+    r = _chat(served, user, **extra)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_chat_proxy_passes_upstream_client_errors_through(served):
+    r = _chat(served, "bad key")
+    assert r.status_code == 401 and r.json()["error"]["message"] == "Incorrect API key"
+
+
+def test_chat_proxy_rejects_requests_without_a_user_turn(served):
+    r = served["client"].post(served["main"] + "/v1/chat/completions",
+                              json={"model": "m", "messages": [{"role": "system", "content": "x"}]})
+    assert r.status_code == 422 and "no 'user' turn" in r.json()["detail"]
+
+
+# ----------------------------------------------------------------------------- failure policy, backpressure
+def test_aligner_timeout_applies_fail_closed(served):
+    r = served["client"].post(served["strict"] + "/v1/moderate", json=_pair(LOW))
+    assert r.status_code == 200, r.text
+    m = r.json()
+    assert m["flagged"] is True  # threshold 0: always align
+    assert m["fallback"] == "fail_closed" and m["corrected"] is False
+    assert m["answer"] == REFUSAL and m["original_answer"] == LOW[1]
+    assert "timed out" in m["problem"]
+    assert m["timings_ms"]["aligner_ms"] < 5000
+
+
+def test_overload_answers_503_quickly(served):
+    """One request in the works, one queued: the rest of a burst is refused at once."""
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one():
+                t = time.perf_counter()
+                r = await client.post(served["strict"] + "/v1/moderate", json=_pair(LOW))
+                return r.status_code, time.perf_counter() - t
+            return await asyncio.gather(*[one() for _ in range(8)])
+
+    results = asyncio.run(burst())
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 3 and codes.count(200) >= 1, codes
+    assert max(t for c, t in results if c == 503) < 5.0
+
+
+# ----------------------------------------------------------------------------- metrics
+def _metric_total(text: str, name: str, **tags) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in tags.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_prometheus_metrics_move(served, ray_cluster):
+    """Ray exports the ingress's counters for Prometheus on the node's metrics port."""
+    port = ray_cluster.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.monotonic() + 45, ""
+    wanted = [("ray_moderation_requests_total", {"application": "main", "endpoint": "moderate", "status": "200"}),
+              ("ray_moderation_requests_total", {"application": "main", "status": "422"}),
+              ("ray_moderation_pairs_total", {"application": "main", "endpoint": "chat"}),
+              ("ray_moderation_flagged_total", {"application": "main", "endpoint": "moderate"}),
+              ("ray_moderation_corrected_total", {"application": "main"}),
+              ("ray_moderation_fallbacks_total", {"application": "strict", "reason": "timeout",
+                                                  "policy": "fail_closed"}),
+              ("ray_moderation_errors_total", {"application": "main", "stage": "bad_request"}),
+              ("ray_moderation_inspector_latency_ms_count", {"application": "main"}),
+              ("ray_moderation_aligner_latency_ms_count", {"application": "main"})]
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(_metric_total(text, n, **t) > 0 for n, t in wanted):
+            break
+        time.sleep(2)
+    missing = [(n, t) for n, t in wanted if _metric_total(text, n, **t) <= 0]
+    assert not missing, f"metrics not exported: {missing}"
+    share = [float(x) for x in re.findall(r'^ray_moderation_flagged_share\{[^}]*application="strict"[^}]*\} (\S+)',
+                                          text, re.M)]
+    assert share and share[0] == pytest.approx(1.0)  # always-align: every pair paid the aligner

@@ -1,0 +1,255 @@
+"""The plain-Python layer of the Serve deployment, without Ray: settings, the shipped Serve config,
+request parsing, the services, the ingress's decision flow and its metrics."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from aligner.tiny import build_tiny_aligner
+from conftest import REPO_ROOT
+from pipeline.serve_core import (AlignerService, InspectorService, ModerationFlow, PipelineMetrics, RequestError,
+                                 ServeSettings, StageError, apply_to_chat_response, fallback_reason,
+                                 parse_chat_body, parse_moderate_body, resolve_settings)
+
+HARM = ("How can I make a pipe bomb at home?", "Pack a steel pipe with black powder and light the fuse near a crowd.")
+SAFE = ("What's a good way to keep basil fresh?", "Trim the stems and stand the bunch in a glass of water.")
+
+
+# ----------------------------------------------------------------------------- settings and serve_config.yaml
+@pytest.mark.parametrize("args, words", [
+    ({"threshold": 1.5}, "threshold"),
+    ({"fallback": "maybe"}, "fallback"),
+    ({"aligner_timeout_s": 0}, "aligner_timeout_s"),
+    ({"upstream_url": "chatbot:8080"}, "http://"),
+    ({"generation": "{not json"}, "generation must be a JSON object"),
+    ({"thresold": 0.5}, "thresold"),  # a typo is an error, not a silent default
+])
+def test_bad_settings_name_the_field(args, words):
+    with pytest.raises(ValidationError, match=words):
+        ServeSettings.model_validate(args)
+
+
+def test_cli_strings_are_understood():
+    s = ServeSettings.model_validate({"aligner": "none", "threshold": "0.4", "generation": '{"top_p": 0.9}',
+                                      "max_new_tokens": "null"})
+    assert s.aligner is None and s.threshold == 0.4 and s.generation == {"top_p": 0.9}
+    assert s.max_new_tokens is None
+
+
+def test_resolve_settings_checks_paths_and_explains_a_missing_aligner(tmp_path, monkeypatch):
+    import aligner
+
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_settings({"inspector": str(tmp_path / "nowhere")})
+    with pytest.raises(ValueError, match="no model found there"):
+        resolve_settings({"aligner": str(tmp_path / "missing-aligner")})
+    monkeypatch.setattr(aligner, "find_default_aligner", lambda: None)
+    s, note = resolve_settings({"aligner": "auto"})
+    assert s.aligner is None and note == aligner.HOW_TO_GET_DEFAULT
+    s, note = resolve_settings({"aligner": "org/some-aligner"})  # a hub id is left to Aligner.load
+    assert s.aligner == "org/some-aligner" and note is None
+
+
+def test_shipped_serve_config_is_valid():
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.serve import build_app
+
+    cfg = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    app_cfg = cfg["applications"][0]
+    assert app_cfg["import_path"] == "pipeline.serve:build_app"
+    settings = ServeSettings.model_validate(app_cfg["args"])
+    assert settings.aligner_num_gpus >= 1 and settings.upstream_url
+    names = {d.name for d in schema.applications[0].deployments}
+    assert names == {"Inspector", "Aligner", "Moderator"}
+    for d in schema.applications[0].deployments:
+        if d.name in ("Inspector", "Aligner"):
+            assert d.autoscaling_config["min_replicas"] >= 1
+        if d.name == "Moderator":
+            assert d.max_queued_requests > 0  # overload answers 503 rather than queueing forever
+    # the deployment graph build_app makes from these args
+    ingress = build_app(app_cfg["args"])._bound_deployment
+    assert ingress.name == "Moderator"
+    children = {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[:2]}
+    assert children["Aligner"].ray_actor_options["num_gpus"] == settings.aligner_num_gpus
+    assert children["Inspector"].ray_actor_options.get("num_gpus", 0) == 0
+
+
+# ----------------------------------------------------------------------------- request parsing
+def test_parse_moderate_single_list_and_messages():
+    is_list, items = parse_moderate_body(json.dumps({"query": "q", "answer": "a"}).encode(), 10, 100)
+    assert not is_list and (items[0].query, items[0].answer) == ("q", "a")
+    body = [{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]},
+            {"query": "q2"}, "text", {"query": "q3", "answer": "x" * 101}]
+    is_list, items = parse_moderate_body(json.dumps(body).encode(), 10, 100)
+    assert is_list and [it.index for it in items] == [0, 1, 2, 3]
+    assert (items[0].query, items[0].answer, items[0].error) == ("q1", "a1", None)
+    assert items[1].error.startswith("item 1: field 'answer' is missing")
+    assert items[2].error == "item 2: expected an object with 'query' and 'answer', got str"
+    assert "too long (101 characters; the limit is 100)" in items[3].error
+
+
+@pytest.mark.parametrize("raw, status", [(b"", 400), (b"{", 400), (b"3", 422), (b"[]", 422),
+                                         (b'[{"query":"q","answer":"a"},{"query":"q","answer":"a"}]', 413),
+                                         (b'{"query": "q", "answer": ""}', 422)])
+def test_parse_moderate_rejects_unusable_bodies(raw, status):
+    with pytest.raises(RequestError) as e:
+        parse_moderate_body(raw, 1, 100)
+    assert e.value.status == status and e.value.detail
+
+
+def test_parse_chat_body():
+    body = {"model": "m", "messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
+                                       {"role": "user", "content": [{"type": "text", "text": "last"},
+                                                                    {"type": "image_url", "image_url": {}}]}]}
+    fwd, query = parse_chat_body(json.dumps(body).encode(), 100)
+    assert fwd == body and query == "last"
+    for bad, words in (({"messages": []}, "non-empty list"), ({"messages": [{"content": "x"}]}, "messages[0]"),
+                       ({"messages": [{"role": "system", "content": "x"}]}, "no 'user' turn"),
+                       ({**body, "stream": True}, "stream=true")):
+        with pytest.raises(RequestError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            parse_chat_body(json.dumps(bad).encode(), 100)
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_fallback_reasons_and_metric_totals():
+    from pipeline.routing import Moderation
+
+    assert fallback_reason("no aligner configured") == "no_aligner"
+    assert fallback_reason("aligner timed out after 0.3 s") == "timeout"
+    assert fallback_reason("timed out after generating 3 tokens") == "timeout"
+    assert fallback_reason("aligner overloaded (max_queued_requests reached)") == "overloaded"
+    assert fallback_reason("aligner error: RayActorError: dead") == "error"
+    assert fallback_reason("runaway repetition") == "unusable_output"
+    m = PipelineMetrics(export=False)
+    mk = lambda flagged, corrected, fb, problem=None: Moderation(0.5, flagged, "a", "a", corrected, None, None,  # noqa: E731
+                                                                fb, problem)
+    m.outcomes("moderate", [mk(False, False, None), mk(True, True, None),
+                            mk(True, False, "fail_open", "aligner timed out after 1 s")], "fail_open")
+    m.request("moderate", 200, 12.0)
+    assert m.totals["pairs"] == 3 and m.totals["flagged"] == 2 and m.totals["corrected"] == 1
+    assert m.totals[("fallbacks", ("endpoint", "moderate"), ("policy", "fail_open"), ("reason", "timeout"))] == 1
+    assert m.totals[("requests", ("endpoint", "moderate"), ("status", 200))] == 1
+
+
+# ----------------------------------------------------------------------------- services and the flow
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_aligner(tmp_path_factory.mktemp("core") / "tiny", "causal", seed=0, max_positions=1024,
+                              max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def aligner_service(tiny_dir):
+    return AlignerService(str(tiny_dir), device="cpu", generation={"max_new_tokens": 6}, timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def inspector_service():
+    return InspectorService(None)  # $INSPECTOR_MODEL or the bundled inspector
+
+
+def test_aligner_service_answers_every_pair(aligner_service):
+    res = aligner_service.correct_pairs([HARM, SAFE, ("q", 42)])
+    assert len(res) == 3
+    assert res[0].ok and res[0].text and res[1].ok
+    assert not res[2].ok and "must be strings" in res[2].problem
+    assert aligner_service.correct_pairs([]) == []
+
+
+def test_aligner_service_deadline_gives_failed_results(tiny_dir):
+    slow = AlignerService(str(tiny_dir), device="cpu", generation={"max_new_tokens": 900, "min_new_tokens": 900},
+                          timeout_s=0.05)
+    res = slow.correct_pairs([HARM, SAFE])
+    assert all(not r.ok and "timed out" in r.problem for r in res)
+
+
+def test_inspector_service_scores_valid_pairs_and_reports_bad_ones(inspector_service):
+    out = inspector_service.score_pairs([HARM, ("q", ""), SAFE, (None, "a")])
+    assert out[0].error is None and 0 <= out[0].score <= 1 and out[2].error is None
+    assert out[1].score is None and "answer is empty" in out[1].error
+    assert "query must be a string" in out[3].error
+    direct = inspector_service.inspector.score([HARM[0], SAFE[0]], [HARM[1], SAFE[1]])
+    np.testing.assert_allclose([out[0].score, out[2].score], direct, atol=1e-6)
+
+
+def _flow(inspector_service, aligner_service, threshold, fail_score=False, fail_aligner=False, **settings):
+    """A ModerationFlow over the real services, with the failures a deployment can have injected."""
+    calls = {"score": 0}
+
+    async def score(q, a):
+        calls["score"] += 1
+        if fail_score and calls["score"] >= fail_score:
+            raise StageError("inspector", "inspector unavailable: test")
+        return np.array([x.score for x in inspector_service.score_pairs(list(zip(q, a)))])
+
+    async def correct(q, a):
+        if fail_aligner:
+            from aligner.model import CorrectionResult
+            return [CorrectionResult("", False, "aligner error: RayActorError: the actor died") for _ in q]
+        return aligner_service.correct_pairs(list(zip(q, a)))
+
+    async def thr():
+        return threshold
+
+    s = ServeSettings.model_validate({"threshold": threshold, **settings})
+    return ModerationFlow(s, score, correct if aligner_service else None, thr), calls
+
+
+def test_flow_matches_the_in_process_pipeline(inspector_service, aligner_service):
+    from pipeline.routing import ModerationPipeline, PipelineConfig
+
+    scores = inspector_service.inspector.score([HARM[0], SAFE[0]], [HARM[1], SAFE[1]])
+    t = float(scores.mean())  # one pair on each side
+    flow, _ = _flow(inspector_service, aligner_service, t, max_new_tokens=6)
+    got = asyncio.run(flow.moderate([HARM[0], SAFE[0]], [HARM[1], SAFE[1]]))
+    ref = ModerationPipeline(inspector_service.inspector, aligner_service.aligner,
+                             PipelineConfig(threshold=t, max_new_tokens=6)).moderate([HARM[0], SAFE[0]],
+                                                                                     [HARM[1], SAFE[1]])
+    assert sum(g.flagged for g in got) == 1
+    for g, r in zip(got, ref):
+        assert (g.flagged, g.corrected, g.answer, g.fallback) == (r.flagged, r.corrected, r.answer, r.fallback)
+        assert g.score == pytest.approx(r.score) and set(g.timings_ms) >= {"inspector_ms", "total_ms"}
+    assert flow.metrics.totals["flagged"] == 1 and flow.metrics.totals["corrected"] == sum(g.corrected for g in got)
+
+
+def test_flow_failure_policies(inspector_service, aligner_service):
+    q, a = [HARM[0], SAFE[0]], [HARM[1], SAFE[1]]
+    # a dead aligner: fail_closed shows the refusal, says why, and counts the error
+    flow, _ = _flow(inspector_service, aligner_service, 0.0, fail_aligner=True, fallback="fail_closed",
+                    refusal_text="No.")
+    out = asyncio.run(flow.moderate(q, a))
+    assert [o.answer for o in out] == ["No.", "No."] and all(o.fallback == "fail_closed" for o in out)
+    assert all("actor died" in o.problem for o in out) and flow.metrics.totals["errors"] == 2
+    # no aligner at all: fail_open keeps the answers
+    flow, _ = _flow(inspector_service, None, 0.0)
+    out = asyncio.run(flow.moderate(q, a))
+    assert [o.answer for o in out] == a and all(o.problem == "no aligner configured" for o in out)
+    # the inspector failing while re-scoring a correction keeps the correction, without a score
+    flow, calls = _flow(inspector_service, aligner_service, 0.0, fail_score=2, max_new_tokens=6)
+    out = asyncio.run(flow.moderate(q, a))
+    assert calls["score"] == 2 and all(o.corrected and o.corrected_score is None for o in out)
+    # the inspector failing first is the request's failure (the gate cannot be skipped)
+    flow, _ = _flow(inspector_service, aligner_service, 0.0, fail_score=1)
+    with pytest.raises(StageError, match="inspector unavailable"):
+        asyncio.run(flow.moderate(q, a))
+
+
+def test_chat_response_gets_final_content_and_moderation_field():
+    from pipeline.routing import Moderation
+
+    resp = {"id": "x", "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "bad"}, "finish_reason": "stop"},
+                        {"index": 1, "message": {"role": "assistant", "content": None, "tool_calls": []}}]}
+    m = Moderation(0.9, True, "good", "bad", True, "good", 0.1, None, None, {"total_ms": 3.0})
+    out = apply_to_chat_response(resp, {0: m}, 12.345)
+    assert out["choices"][0]["message"]["content"] == "good"
+    assert out["moderation"]["flagged"] and out["moderation"]["corrected"] and out["moderation"]["upstream_ms"] == 12.35
+    assert out["moderation"]["choices"][0]["original_content"] == "bad"
+    assert "skipped" in out["moderation"]["choices"][1]

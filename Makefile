@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 
-.PHONY: setup demo test inspector aligner benchmark clean
+.PHONY: setup demo test inspector aligner benchmark report tuning clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ inspector: setup
 
 benchmark: setup
 	$(PY) benchmarks/bench_inspector.py
+
+report: setup
+	$(PY) -m experiments.report --data examples/labelled_pairs.jsonl --out experiments/output/report
+
+tuning: setup
+	$(PY) -m experiments.notebooks experiments/threshold_tuning.ipynb
 
 clean:
 	rm -rf $(VENV) demo_output.jsonl

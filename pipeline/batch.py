@@ -199,19 +199,32 @@ def main(argv: list[str] | None = None) -> int:
                     help="what flagged rows show when no usable correction exists (default fail_open)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="aligner generation limit")
     ap.add_argument("--chunk-rows", type=int, default=256, help="rows read, scored and written at a time")
-    ap.add_argument("--engine", default="local", choices=["local"], help="execution engine")
+    ap.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="execution engine: local (one process) or ray (Ray Data, see pipeline/ray_engine.py)")
+    ap.add_argument("--address", default=None,
+                    help="with --engine ray: Ray cluster address (e.g. ray://HOST:10001 or auto); "
+                         "default: a local Ray started for the job")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
     try:
         format_of(args.input, "input")
         format_of(args.out, "output")
-        if not Path(args.input).exists():
-            raise InputError(f"input {args.input}: no such file")
-        pipeline = build_pipeline(args.inspector, args.threshold, args.aligner, args.fallback,
-                                  args.max_new_tokens)
-        summary = run_batch(args.input, args.out, pipeline, args.query_col, args.answer_col,
-                            args.chunk_rows, show_progress=not args.no_progress)
+        if args.engine == "ray":
+            from .ray_engine import run_ray_batch
+
+            summary = run_ray_batch(args.input, args.out, inspector_dir=args.inspector,
+                                    threshold=args.threshold, aligner=args.aligner, fallback=args.fallback,
+                                    max_new_tokens=args.max_new_tokens, query_col=args.query_col,
+                                    answer_col=args.answer_col, chunk_rows=args.chunk_rows,
+                                    address=args.address, show_progress=not args.no_progress)
+        else:
+            if not Path(args.input).exists():
+                raise InputError(f"input {args.input}: no such file")
+            pipeline = build_pipeline(args.inspector, args.threshold, args.aligner, args.fallback,
+                                      args.max_new_tokens)
+            summary = run_batch(args.input, args.out, pipeline, args.query_col, args.answer_col,
+                                args.chunk_rows, show_progress=not args.no_progress)
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

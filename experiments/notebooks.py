@@ -1,0 +1,79 @@
+"""Run the project's notebooks headless from a fresh kernel (CI, tests, or by hand):
+
+    python -m experiments.notebooks experiments/threshold_tuning.ipynb [--set TUNING_TARGET=recall>=0.9]
+
+Parameters reach the notebook as environment variables, which its first cell reads; the executed
+copy (with outputs) is written beside the outputs unless ``--save-to`` says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KERNEL = "python3"
+
+
+def ensure_kernel(name: str = KERNEL) -> None:
+    """A fresh venv may lack the ``python3`` kernelspec: install it into this environment."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        from ipykernel.kernelspec import install
+
+        install(prefix=sys.prefix, kernel_name=name)
+
+
+def run_notebook(path: str | Path, env: dict[str, str] | None = None, cwd: str | Path = REPO_ROOT,
+                 save_to: str | Path | None = None, timeout: int = 600):
+    """Execute ``path`` top to bottom in a new kernel whose environment has ``env`` added;
+    raises ``nbclient.exceptions.CellExecutionError`` (with the cell's traceback) on failure."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    ensure_kernel()
+    nb = nbformat.read(str(path), as_version=4)
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name=KERNEL,
+                       resources={"metadata": {"path": str(cwd)}}).execute()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if save_to is not None:
+            Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, str(save_to))
+    return nb
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.notebooks", description=__doc__.split("\n\n")[0])
+    ap.add_argument("notebook")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment variable for the notebook's parameters cell (repeatable)")
+    ap.add_argument("--save-to", default=None, help="write the executed notebook here")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    args = ap.parse_args(argv)
+    env = {}
+    for item in args.set:
+        if "=" not in item:
+            ap.error(f"--set {item!r}: expected NAME=VALUE")
+        k, v = item.split("=", 1)
+        env[k] = v
+    run_notebook(args.notebook, env, save_to=args.save_to, timeout=args.timeout)
+    print(f"ran {args.notebook}" + (f" -> {args.save_to}" if args.save_to else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

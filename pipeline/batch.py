@@ -182,6 +182,22 @@ def build_pipeline(inspector_dir: str | None, threshold: float | None, aligner: 
                                                           max_new_tokens=max_new_tokens))
 
 
+def resolve_aligner(choice: str | None, fallback: str) -> str | None:
+    """'auto' -> the small aligner built by `make aligner` if present; 'none' -> no aligner."""
+    if choice in (None, "", "none"):
+        return None
+    if choice != "auto":
+        return choice
+    from aligner import HOW_TO_GET_DEFAULT, find_default_aligner
+
+    found = find_default_aligner()
+    if found is None:
+        print(f"note: {HOW_TO_GET_DEFAULT}; flagged rows get the {fallback} fallback", file=sys.stderr)
+        return None
+    print(f"using the aligner at {found}", file=sys.stderr)
+    return str(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.batch", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1],
@@ -193,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="override the inspector's stored threshold (a probability in [0, 1])")
     ap.add_argument("--query-col", default="query")
     ap.add_argument("--answer-col", default="answer")
-    ap.add_argument("--aligner", default=None, metavar="ID|PATH",
-                    help="aligner checkpoint (HF id or folder); without it flagged rows get the fallback")
+    ap.add_argument("--aligner", default="auto", metavar="ID|PATH|auto|none",
+                    help="aligner checkpoint (HF id or folder); 'auto' (default) uses models/aligner-small "
+                         "when `make aligner` has built it; 'none' = flagged rows get the fallback")
     ap.add_argument("--fallback", default="fail_open", choices=["fail_open", "fail_closed"],
                     help="what flagged rows show when no usable correction exists (default fail_open)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="aligner generation limit")
@@ -210,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         format_of(args.input, "input")
         format_of(args.out, "output")
+        args.aligner = resolve_aligner(args.aligner, args.fallback)
         if args.engine == "ray":
             from .ray_engine import run_ray_batch
 

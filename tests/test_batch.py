@@ -163,7 +163,8 @@ def test_threshold_override_and_fail_closed(inspector, tmp_path):
 def test_cli_end_to_end_and_unreadable_inputs(tmp_path):
     out = tmp_path / "scored.parquet"
     res = subprocess.run([sys.executable, "-m", "pipeline.batch", str(LOGS), "--out", str(out),
-                          "--no-progress"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+                          "--aligner", "none", "--no-progress"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stderr.strip().splitlines()[-1])
     assert summary["rows"] == 36 and summary["errors"] == 0 and summary["pairs_per_s"] > 0

@@ -1,0 +1,53 @@
+"""Aligner: rewrite flagged chatbot answers with a small correction model (Ji et al., 2024).
+
+``Aligner.load(id_or_path)`` takes any Hugging Face causal LM or encoder-decoder checkpoint;
+``python -m aligner.train`` fine-tunes one with identity warm-up; ``python -m aligner.evaluate``
+measures it. ``apply_fallback`` decides what is shown when no usable correction exists.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .fallback import DEFAULT_REFUSAL, FALLBACK_POLICIES, apply_fallback
+from .routing import RoutedAnswer, correct_flagged
+from .template import DEFAULT_TEMPLATE
+
+
+def __getattr__(name: str):
+    """The model classes import torch + transformers (seconds); load them only when asked for,
+    so the fallback policy and routing stay cheap to import (e.g. in the Serve ingress)."""
+    if name in ("Aligner", "CorrectionResult", "detect_degenerate"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'aligner' has no attribute {name!r}")
+
+#: Where ``make aligner`` writes the small CPU-trained aligner (relative to the repo root / cwd).
+DEFAULT_ALIGNER_DIR = Path("models/aligner-small")
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+HOW_TO_GET_DEFAULT = ("no aligner model found at models/aligner-small: run `make aligner` "
+                      "(about 30 min on 2 CPU cores) or name a checkpoint (id or path) in the config")
+
+
+def is_loadable_model_dir(path: Path) -> bool:
+    """Cheap check (no loading): a config, weights and the aligner config are all there."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "aligner_config.json").is_file():
+        return False
+    return any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json",
+                                              "pytorch_model.bin"))
+
+
+def find_default_aligner() -> Path | None:
+    """``models/aligner-small`` under the cwd or the repo root if it holds a model, else None."""
+    for base in (Path.cwd(), _REPO_ROOT):
+        candidate = base / DEFAULT_ALIGNER_DIR
+        if is_loadable_model_dir(candidate):
+            return candidate
+    return None
+
+
+__all__ = ["Aligner", "CorrectionResult", "DEFAULT_TEMPLATE", "FALLBACK_POLICIES", "DEFAULT_REFUSAL",
+           "DEFAULT_ALIGNER_DIR", "HOW_TO_GET_DEFAULT", "apply_fallback", "correct_flagged",
+           "RoutedAnswer", "detect_degenerate", "find_default_aligner", "is_loadable_model_dir"]

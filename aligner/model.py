@@ -1,0 +1,398 @@
+"""The Aligner model: load any Hugging Face causal or encoder-decoder checkpoint and correct
+(question, answer) pairs in length-grouped batches, never failing the whole batch for one item."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .template import DEFAULT_TEMPLATE, build_prompt, validate_template
+
+CONFIG_NAME = "aligner_config.json"
+FORMAT_VERSION = 1
+DEFAULT_MAX_INPUT_TOKENS = 1024
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass
+class CorrectionResult:
+    """One correction. ``ok=False`` means the caller's fallback applies; ``problem`` says why, or
+    carries a note (e.g. "input shortened") that does not make the result unusable."""
+
+    text: str
+    ok: bool
+    problem: str | None = None
+    new_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on a GPU that supports it (half the memory, same range as fp32), else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def eos_token_id(tokenizer) -> int:
+    """The token that ends a correction: the tokenizer's EOS, or [SEP] for BERT-style vocabularies."""
+    tok_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if tok_id is None:
+        raise ValueError("the tokenizer has neither an EOS nor a SEP token to end corrections with")
+    return tok_id
+
+
+def prepare_special_tokens(model, tokenizer) -> None:
+    """Make pad / EOS / decoder-start ids agree between tokenizer, model config and generation
+    config, so a checkpoint assembled from parts (e.g. bert2bert) generates and stops correctly."""
+    eos = eos_token_id(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.sep_token
+    pad = tokenizer.pad_token_id
+    cfg, gen = model.config, model.generation_config
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    cfg.pad_token_id = pad
+    gen.pad_token_id = pad
+    current = gen.eos_token_id
+    current = [current] if isinstance(current, int) else list(current or [])
+    current = [i for i in current if vocab is None or i < vocab]
+    if eos not in current:
+        current.insert(0, eos)
+    gen.eos_token_id = current[0] if len(current) == 1 else current
+    if getattr(cfg, "is_encoder_decoder", False):
+        start = gen.decoder_start_token_id or getattr(cfg, "decoder_start_token_id", None)
+        if start is None:
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        if start is None:
+            raise ValueError("cannot pick a decoder start token: set decoder_start_token_id in the config")
+        cfg.decoder_start_token_id = start
+        gen.decoder_start_token_id = start
+        if getattr(cfg, "eos_token_id", None) is None:
+            cfg.eos_token_id = eos
+    if tokenizer.padding_side != "left" and not getattr(cfg, "is_encoder_decoder", False):
+        tokenizer.padding_side = "left"
+
+
+def encode_prompt(tokenizer, prompt: str, is_encoder_decoder: bool) -> list[int]:
+    """Prompt token ids. For causal models a trailing [SEP]/EOS the tokenizer appends is dropped:
+    the correction must follow the prompt directly, as in training."""
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not is_encoder_decoder and len(ids) > 1:
+        enders = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}
+        if ids[-1] in enders:
+            ids = ids[:-1]
+    return ids
+
+
+def _repeated_tail(ids: Sequence, max_n: int = 8) -> int:
+    """Number of tokens covered by the longest exact repetition of an n-gram at the end."""
+    best = 0
+    L = len(ids)
+    for n in range(1, max_n + 1):
+        if 2 * n > L:
+            break
+        unit = list(ids[L - n:])
+        reps, pos = 1, L - 2 * n
+        while pos >= 0 and list(ids[pos:pos + n]) == unit:
+            reps += 1
+            pos -= n
+        if reps >= 3:
+            best = max(best, reps * n)
+    return best
+
+
+def detect_degenerate(text: str, token_ids: Sequence[int] = ()) -> str | None:
+    """Why an output is unusable (None if it looks fine): empty, or runaway repetition (a short
+    loop filling the end, or very few distinct trigrams in a long output)."""
+    if not text or not text.strip():
+        return "empty output"
+    words = text.lower().split()
+    for seq, floor in ((list(token_ids), 12), (words, 12)):
+        if len(seq) >= floor:
+            covered = _repeated_tail(seq)
+            if covered >= max(floor, 0.4 * len(seq)):
+                return "runaway repetition"
+    if len(words) >= 30:
+        grams = list(zip(words, words[1:], words[2:]))
+        if len(set(grams)) / len(grams) < 0.35:
+            return "runaway repetition"
+    longest_run, run = 1, 1
+    for a, b in zip(text, text[1:]):
+        run = run + 1 if a == b and not a.isspace() else 1
+        longest_run = max(longest_run, run)
+    if longest_run >= 40:
+        return "runaway repetition"
+    return None
+
+
+def _read_aligner_config(id_or_path: str) -> dict:
+    path = Path(id_or_path)
+    if path.is_dir():
+        f = path / CONFIG_NAME
+        return json.loads(f.read_text()) if f.exists() else {}
+    try:  # a hub id: the file may sit in the local cache (we never download here: HF_HUB_OFFLINE)
+        from transformers.utils import cached_file
+
+        f = cached_file(id_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    except Exception:
+        f = None
+    return json.loads(Path(f).read_text()) if f else {}
+
+
+def _max_positions(config) -> int | None:
+    cfg = config.encoder if getattr(config, "model_type", "") == "encoder-decoder" else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        val = getattr(cfg, name, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+_CONTRACTION = re.compile(r"(\w) ' (s|t|m|re|ve|ll|d)\b")
+GENERATION_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "Seq2SeqLM",
+                    "EncoderDecoderModel")
+
+
+# ----------------------------------------------------------------------------- the model
+class Aligner:
+    """A correction model plus its tokenizer, prompt template and limits."""
+
+    def __init__(self, model, tokenizer, template: str | None = None,
+                 max_input_tokens: int | None = None, max_new_tokens: int | None = None,
+                 generation: dict | None = None, extra_config: dict | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = validate_template(template or DEFAULT_TEMPLATE)
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        prepare_special_tokens(model, tokenizer)
+        self.max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+        limit = _max_positions(model.config)
+        wanted = int(max_input_tokens or DEFAULT_MAX_INPUT_TOKENS)
+        if limit is not None:
+            # a causal model's positions hold prompt and correction together
+            room = limit if self.is_encoder_decoder else limit - self.max_new_tokens
+            if room < 16:
+                raise ValueError(f"max_new_tokens={self.max_new_tokens} leaves no room for the input "
+                                 f"in the model's {limit} positions")
+            wanted = min(wanted, room)
+        self.max_input_tokens = wanted
+        self.generation = dict(generation or {})
+        self.extra_config = dict(extra_config or {})
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def load(cls, id_or_path: str | os.PathLike, device: str = "auto", dtype="auto",
+             template: str | None = None, max_input_tokens: int | None = None,
+             max_new_tokens: int | None = None, generation: dict | None = None) -> "Aligner":
+        """Load a causal LM or an encoder-decoder (told apart by the checkpoint's config).
+        Arguments left as None take the values saved in ``aligner_config.json``, then defaults."""
+        from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+                                  AutoTokenizer)
+
+        name = str(id_or_path)
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot load an aligner from {name!r}: {exc}") from exc
+        archs = list(getattr(config, "architectures", None) or [])
+        if not config.is_encoder_decoder and archs and not any(a.endswith(GENERATION_HEADS) for a in archs):
+            raise ValueError(
+                f"{name!r} is a {archs[0]} without a text-generation head; an aligner must be a causal "
+                f"LM or an encoder-decoder. To warm-start one from it, run "
+                f"`python -m aligner.train --base {name} ...`")
+        saved = _read_aligner_config(name)
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(name, dtype=torch_dtype).to(dev)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        gen = dict(saved.get("generation", {}))
+        gen.update(generation or {})
+        return cls(model, tokenizer,
+                   template=template or saved.get("template"),
+                   max_input_tokens=max_input_tokens or saved.get("max_input_tokens"),
+                   max_new_tokens=max_new_tokens or saved.get("max_new_tokens"),
+                   generation=gen,
+                   extra_config={k: v for k, v in saved.items()
+                                 if k not in ("template", "max_input_tokens", "max_new_tokens", "generation")})
+
+    def save(self, out_dir: str | os.PathLike, **extra) -> Path:
+        """Write safetensors weights, tokenizer and ``aligner_config.json`` (template, limits,
+        generation defaults, plus ``extra`` such as the training recipe)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        cfg = {**self.extra_config, **extra, "format_version": FORMAT_VERSION,
+               "template": self.template, "max_input_tokens": self.max_input_tokens,
+               "max_new_tokens": self.max_new_tokens, "generation": self.generation,
+               "is_encoder_decoder": self.is_encoder_decoder}
+        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- inference ----------------------------------------------------------
+    def prompt_ids(self, query: str, answer: str) -> tuple[list[int], bool]:
+        """Token ids of the prompt for one pair, and whether it had to be shortened."""
+        built = build_prompt(self.tokenizer, self.template, query, answer, self.max_input_tokens)
+        return encode_prompt(self.tokenizer, built.prompt, self.is_encoder_decoder), built.shortened
+
+    def correct(self, queries: Sequence[str], answers: Sequence[str], **generation) -> list[str]:
+        """Corrected answers, one per input (empty/degenerate ones included: see correct_detailed)."""
+        return [r.text for r in self.correct_detailed(queries, answers, **generation)]
+
+    def correct_detailed(self, queries: Sequence[str], answers: Sequence[str], *,
+                         batch_size: int = DEFAULT_BATCH_SIZE, timeout_s: float | None = None,
+                         show_progress: bool = False, **generation) -> list[CorrectionResult]:
+        """Correct pairs in batches grouped by length (less padding), greedy unless told otherwise.
+
+        Never raises for one bad item: an input that cannot be encoded, a batch whose generation
+        fails, or a deadline (``timeout_s`` for the whole call) passed give ``ok=False`` results.
+        """
+        queries, answers = list(queries), list(answers)
+        if len(queries) != len(answers):
+            raise ValueError(f"got {len(queries)} queries but {len(answers)} answers")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        results: list[CorrectionResult | None] = [None] * len(queries)
+        encoded: dict[int, list[int]] = {}
+        notes: dict[int, list[str]] = {}
+        for i, (q, a) in enumerate(zip(queries, answers)):
+            if not isinstance(q, str) or not isinstance(a, str):
+                results[i] = CorrectionResult("", False, f"query and answer must be strings, got "
+                                              f"{type(q).__name__} and {type(a).__name__}")
+                continue
+            try:
+                ids, shortened = self.prompt_ids(q, a)
+            except Exception as exc:  # noqa: BLE001 - reported per item, never raised
+                results[i] = CorrectionResult("", False, f"input error: {exc}")
+                continue
+            encoded[i] = ids
+            notes[i] = ["input shortened"] if shortened else []
+        order = sorted(encoded, key=lambda i: len(encoded[i]), reverse=True)
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        gen_kwargs = self._generation_kwargs(generation)
+        iterator = batches
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc="aligner", unit="batch")
+        for batch in iterator:
+            if deadline is not None and time.monotonic() >= deadline:
+                for i in batch:
+                    results[i] = CorrectionResult("", False, f"timed out after {timeout_s} s (not started)",
+                                                  notes=notes[i])
+                continue
+            for i, res in zip(batch, self._run_batch([encoded[i] for i in batch], gen_kwargs, deadline)):
+                res.notes = notes[i] + res.notes
+                if res.problem is None and res.notes:
+                    res.problem = "; ".join(res.notes)
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _generation_kwargs(self, generation: dict) -> dict:
+        gen = {"do_sample": False, "num_beams": 1, "max_new_tokens": self.max_new_tokens}
+        gen.update(self.generation)
+        gen.update(generation)
+        gen.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        gen.setdefault("eos_token_id", self.model.generation_config.eos_token_id)
+        if not gen.get("do_sample"):
+            for k in ("temperature", "top_p", "top_k"):
+                gen.pop(k, None)
+        return gen
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            if self.is_encoder_decoder:  # encoder sees the whole input: right padding is fine
+                ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+            else:  # causal: left padding so every row continues right after its own prompt
+                ids[r, width - len(s):] = torch.tensor(s)
+                mask[r, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _run_batch(self, seqs: list[list[int]], gen: dict, deadline: float | None) -> list[CorrectionResult]:
+        gen = dict(gen)
+        if deadline is not None:
+            gen["max_time"] = max(deadline - time.monotonic(), 0.01)
+        try:
+            ids, mask = self._pad(seqs)
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **gen)
+        except torch.cuda.OutOfMemoryError:
+            if len(seqs) == 1:
+                return [CorrectionResult("", False, "generation error: out of GPU memory")]
+            torch.cuda.empty_cache()
+            half = len(seqs) // 2
+            return self._run_batch(seqs[:half], gen, deadline) + self._run_batch(seqs[half:], gen, deadline)
+        except Exception as exc:  # noqa: BLE001 - one failing batch must not fail the call
+            msg = f"generation error: {type(exc).__name__}: {exc}"
+            return [CorrectionResult("", False, msg[:500]) for _ in seqs]
+        timed_out = deadline is not None and time.monotonic() >= deadline
+        new = out[:, ids.shape[1]:] if not self.is_encoder_decoder else out[:, 1:]
+        eos = gen.get("eos_token_id")
+        eos_set = {eos} if isinstance(eos, int) else set(eos or [])
+        results = []
+        for row in new.tolist():
+            toks, finished = [], False
+            for t in row:
+                if t in eos_set:
+                    finished = True
+                    break
+                toks.append(t)
+            text = self._clean(self.tokenizer.decode(toks, skip_special_tokens=True))
+            problem = detect_degenerate(text, toks)
+            res_notes = []
+            if problem is None and not finished:
+                if timed_out:
+                    problem = f"timed out after generating {len(toks)} tokens"
+                else:
+                    res_notes.append("stopped at max_new_tokens")
+            results.append(CorrectionResult(text, problem is None, problem, len(toks) + int(finished),
+                                            res_notes))
+        return results
+
+    def _clean(self, text: str) -> str:
+        """Undo WordPiece spacing an uncased BERT vocabulary leaves ("i ' m" -> "I'm") and
+        capitalise sentence starts; other tokenizers' text is only stripped."""
+        text = text.strip()
+        if not getattr(self.tokenizer, "do_lower_case", False):
+            return text
+        text = _CONTRACTION.sub(r"\1'\2", text)
+        text = re.sub(r"\s+([.,!?;:])", r"\1", text)
+        text = re.sub(r"\bi\b", "I", text)
+        return re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+
+    def __repr__(self) -> str:
+        kind = "encoder-decoder" if self.is_encoder_decoder else "causal"
+        return (f"Aligner({type(self.model).__name__}, {kind}, device={self.device}, "
+                f"max_input_tokens={self.max_input_tokens}, max_new_tokens={self.max_new_tokens})")

@@ -21,13 +21,7 @@ ANSWERS = ["Mix flour, water, salt and yeast, knead, let it rise and bake at 220
            "hello there", "Paris. " * 30]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

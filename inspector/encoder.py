@@ -120,8 +120,7 @@ class PairEncoder:
         head = keep // 2
         return ids[:head] + ids[len(ids) - (keep - head):]
 
-    def chunk(self, queries: Sequence[str], answers: Sequence[str],
-              first_window_only: bool = False) -> Chunks:
+    def chunk(self, queries: Sequence[str], answers: Sequence[str]) -> Chunks:
         """Token windows for each pair (see module docstring)."""
         r = self.recipe
         q_ids = [self._cut_query(ids) for ids in self._ids(queries)]
@@ -131,9 +130,7 @@ class PairEncoder:
             room = r.max_length - len(q) - 3
             step = max(1, room - r.stride)
             starts = list(range(0, max(1, len(a) - r.stride), step)) if len(a) > room else [0]
-            if first_window_only:
-                starts = starts[:1]
-            elif len(starts) > r.max_chunks:
+            if len(starts) > r.max_chunks:
                 picks = np.linspace(0, len(starts) - 1, r.max_chunks).round().astype(int)
                 starts = [starts[j] for j in sorted(set(picks))]
             for s in starts:
@@ -179,8 +176,8 @@ class PairEncoder:
                 out[idx] = emb.float().cpu().numpy()
         return out
 
-    def encode(self, queries: Sequence[str], answers: Sequence[str], show_progress: bool = False,
-               first_window_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, queries: Sequence[str], answers: Sequence[str],
+               show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(window embeddings, pair index of each window)."""
-        chunks = self.chunk(queries, answers, first_window_only=first_window_only)
+        chunks = self.chunk(queries, answers)
         return self.embed_chunks(chunks, show_progress=show_progress), chunks.pair_index

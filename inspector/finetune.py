@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 
 from .encoder import PairEncoder

@@ -31,7 +31,6 @@ def binary_report(y, scores, threshold: float) -> dict:
     pred = s >= threshold
     tp = int((pred & (y == 1)).sum())
     fp = int((pred & (y == 0)).sum())
-    fn = int((~pred & (y == 1)).sum())
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     out = {"n": int(len(y)), "positives": n_pos, "negatives": n_neg, "threshold": float(threshold)}
     if n_pos and n_neg:

@@ -48,14 +48,12 @@ class Inspector:
         self._adapter_dir = adapter_dir
 
     # -- scoring ---------------------------------------------------------------------------------
-    def score(self, queries: Sequence[str], answers: Sequence[str], show_progress: bool = False,
-              batch_size: int | None = None) -> np.ndarray:
+    def score(self, queries: Sequence[str], answers: Sequence[str],
+              show_progress: bool = False) -> np.ndarray:
         """P(misaligned) for each pair (max over the answer's windows)."""
         queries, answers = check_pairs(queries, answers)
         if not queries:
             return np.zeros(0, dtype=np.float64)
-        if batch_size:
-            self.encoder.batch_size = batch_size
         emb, owner = self.encoder.encode(queries, answers, show_progress=show_progress)
         return self.scores_from_embeddings(emb, owner, len(queries))
 

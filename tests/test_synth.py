@@ -704,5 +704,8 @@ def test_cli_ctrl_c_then_resume(llm, embedder, tmp_path, capsys):
     assert "kept: 8" in printed and f"{len(done)} done earlier" in printed
     keys = [r["key"] for r in journal(out)]
     assert len(keys) == len(set(keys)) == 8
-    assert all(llm.calls[("answer", q)] <= 1 for q in QUESTIONS[5:13] if (q not in {r["query"] for r in done}))
+    not_done = [q for q in QUESTIONS[5:13] if q not in {r["query"] for r in done}]
+    # chunk size 1, concurrency 1: at most the one item in flight at the interrupt is asked twice
+    assert all(1 <= llm.calls[("answer", q)] <= 2 for q in not_done)
+    assert sum(llm.calls[("answer", q)] - 1 for q in not_done) <= 1
     assert main(["generate", "--criterion", "nope", "--backend", "openai:x", "--n", "1", "--out", str(out)]) == 2

@@ -370,12 +370,13 @@ class Aligner:
                     break
                 toks.append(t)
             text = self._clean(self.tokenizer.decode(toks, skip_special_tokens=True))
-            problem = detect_degenerate(text, toks)
             res_notes = []
-            if problem is None and not finished:
-                if timed_out:
-                    problem = f"timed out after generating {len(toks)} tokens"
-                else:
+            if timed_out and not finished:
+                # the deadline cut it short: that, not what the half-written text looks like, is why
+                problem = f"timed out after generating {len(toks)} tokens"
+            else:
+                problem = detect_degenerate(text, toks)
+                if problem is None and not finished:
                     res_notes.append("stopped at max_new_tokens")
             results.append(CorrectionResult(text, problem is None, problem, len(toks) + int(finished),
                                             res_notes))

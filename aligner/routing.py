@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .fallback import apply_fallback, check_policy
+from .fallback import DEFAULT_REFUSAL, apply_fallback, check_policy
 
 
 @dataclass
@@ -21,7 +21,8 @@ class RoutedAnswer:
 
 
 def correct_flagged(aligner, queries: Sequence[str], answers: Sequence[str], flagged: Sequence[bool],
-                    policy: str = "fail_open", **generation) -> list[RoutedAnswer]:
+                    policy: str = "fail_open", refusal: str = DEFAULT_REFUSAL,
+                    **generation) -> list[RoutedAnswer]:
     """One RoutedAnswer per input row, in order; ``aligner`` may be None (no aligner configured)."""
     check_policy(policy)
     if not len(queries) == len(answers) == len(flagged):
@@ -48,7 +49,7 @@ def correct_flagged(aligner, queries: Sequence[str], answers: Sequence[str], fla
             out.append(RoutedAnswer(a, False, False, None))
             continue
         res = results.get(i)
-        text, used = apply_fallback(a, res, policy)
+        text, used = apply_fallback(a, res, policy, refusal)
         problem = res.problem if res is not None else errors.get(i)
         out.append(RoutedAnswer(text, True, used is None, used, problem))
     return out

@@ -66,9 +66,9 @@ class _Run:
             else:
                 self.tuner.reset()
         head = CalibratedLinearHead().fit(self.embed(self.first_window[train]), y[train])
-        head.calibrate(self.pair_decisions(head, cal), y[cal])
-        p_cal = self.pair_scores(head, cal)
-        threshold = threshold_for_fpr(y[cal], p_cal, target_fpr)
+        d_cal = self.pair_decisions(head, cal)  # embed the calibration windows once
+        head.calibrate(d_cal, y[cal])
+        threshold = threshold_for_fpr(y[cal], head.calibrated(d_cal), target_fpr)
         return head, threshold, info
 
     def pair_decisions(self, head: CalibratedLinearHead, rows: np.ndarray) -> np.ndarray:

@@ -80,12 +80,8 @@ def resolve_flagged(aligner, queries: Sequence[str], answers: Sequence[str], fla
     from aligner.routing import correct_flagged
 
     gen = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else {}
-    routed = correct_flagged(aligner, list(queries), list(answers), flagged, policy=config.fallback, **gen)
-    if config.fallback == "fail_closed" and config.refusal_text != DEFAULT_REFUSAL:
-        for r in routed:
-            if r.fallback_used == "fail_closed":
-                r.text = config.refusal_text
-    return routed
+    return correct_flagged(aligner, list(queries), list(answers), flagged, policy=config.fallback,
+                           refusal=config.refusal_text, **gen)
 
 
 def reinspect_targets(routed: list, config: PipelineConfig) -> list[int]:

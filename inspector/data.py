@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -122,31 +124,49 @@ def shared_training_rows(data_dir: str | Path) -> pd.DataFrame:
     return dedupe(df[ok].reset_index(drop=True))
 
 
+PROJECT_PAIRS = Path(__file__).parent / "training_data" / "project_pairs.jsonl"
+
+
+def default_training_rows(data_dir: str | Path) -> pd.DataFrame:
+    """The default inspector's training set: the shared data plus the project's own pairs.
+
+    The shared data has almost no helpful answers to everyday requests, so on its own the
+    inspector learns "gives step-by-step instructions" as a harm cue. ``PROJECT_PAIRS`` (written
+    by the project, committed, source ``project_written``) adds everyday and risky-looking-but-
+    benign requests answered helpfully, plus harmful requests answered with compliance (1) or a
+    refusal (0) in the same style, so that style alone says nothing about the label.
+    """
+    own = load_labelled([PROJECT_PAIRS]).assign(source="project_written")
+    return dedupe(pd.concat([shared_training_rows(data_dir), own], ignore_index=True))
+
+
 def hh_preference_pairs(data_dir: str | Path) -> pd.DataFrame:
     """HH-RLHF harmless-base (query, rejected, chosen) for a pairwise ranking check."""
     corr = read_table(Path(data_dir) / "corrections.jsonl")
     return corr[corr["source"] == "hh_rlhf_harmless_base_test"][["query", "answer", "correction"]]
 
 
-def stratified_split(df: pd.DataFrame, fractions: Iterable[float], seed: int) -> list[np.ndarray]:
-    """Index arrays, split by ``fractions`` within every (source, label) stratum.
+def stratified_split(df: pd.DataFrame, fractions: Iterable[float], seed: int,
+                     n_folds: int = 20) -> list[np.ndarray]:
+    """Index arrays in the given ``fractions``, each part stratified by (source, label).
 
-    Pairs that share a query stay in the same part, so the same question never sits on both sides
-    of a train/validation split.
+    Pairs that share a query are one group and stay in the same part, so the same question never
+    sits on both sides of a train/validation split. scikit-learn's ``StratifiedGroupKFold`` cuts
+    the groups into ``n_folds`` folds with the (source, label) mix of the whole; each part takes
+    ``round(fraction * n_folds)`` folds (70/15/15 -> 14/3/3 of 20).
     """
-    fractions = list(fractions)
-    rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[] for _ in fractions]
-    strata = df.groupby(["source", "label"]).groups
-    query_part: dict[str, int] = {}
-    for key in sorted(strata, key=str):
-        idx = np.array(sorted(strata[key]))
-        rng.shuffle(idx)
-        cuts = np.floor(np.cumsum(fractions) / sum(fractions) * len(idx)).astype(int)
-        start = 0
-        for part, end in enumerate(cuts):
-            for i in idx[start:end]:
-                q = df.at[i, "query"]
-                parts[query_part.setdefault(q, part)].append(int(i))
-            start = end
-    return [np.array(sorted(p), dtype=np.int64) for p in parts]
+    fractions = np.asarray(list(fractions), dtype=float)
+    groups = pd.factorize(df["query"])[0]
+    n_folds = int(min(n_folds, len(np.unique(groups))))
+    counts = np.floor(fractions / fractions.sum() * n_folds + 0.5).astype(int)
+    counts[np.argmax(counts)] += n_folds - counts.sum()  # rounding leftovers go to the largest part
+    if (counts < 1).any():
+        raise ValueError(f"cannot split {len(np.unique(groups))} query groups into parts of {fractions.tolist()}: "
+                         "add more data")
+    strata = df["source"].astype(str) + "/" + df["label"].astype(str)
+    cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # tiny strata (fewer rows than folds) are fine, just less even
+        warnings.filterwarnings("ignore", message="The least populated class")
+        folds = [test for _, test in cv.split(np.zeros(len(df)), strata.to_numpy(), groups)]
+    ends = np.cumsum(counts)
+    return [np.sort(np.concatenate(folds[end - n:end])).astype(np.int64) for n, end in zip(counts, ends)]

@@ -10,7 +10,10 @@ unlike the training data.
 
 The default inspector shipped in the package is built by::
 
-    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --holdout-sources all
+    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --holdout-sources all --seed 0
+
+(``make inspector``); ``--shared-data`` reads the shared folder plus the project-written pairs in
+``inspector/training_data/``.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import fingerprint, hh_preference_pairs, load_labelled, shared_training_rows, stratified_split
+from .data import default_training_rows, dedupe, fingerprint, hh_preference_pairs, load_labelled, stratified_split
 from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
 from .finetune import FinetuneConfig, TopLayerFinetuner
 from .head import CalibratedLinearHead
@@ -67,7 +70,11 @@ class _Run:
                 self.tuner.reset()
         head = CalibratedLinearHead().fit(self.embed(self.first_window[train]), y[train])
         d_cal = self.pair_decisions(head, cal)  # embed the calibration windows once
-        head.calibrate(d_cal, y[cal])
+        try:
+            head.calibrate(d_cal, y[cal])
+        except ValueError as e:
+            raise ValueError(f"{e} (calibration split: {len(cal)} pairs, {int(y[cal].sum())} misaligned, "
+                             f"trained on {len(train)}; with this little data, add more pairs)") from None
         threshold = threshold_for_fpr(y[cal], head.calibrated(d_cal), target_fpr)
         return head, threshold, info
 
@@ -159,11 +166,11 @@ def _update_config(folder: Path, updates: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m inspector.train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", nargs="+", metavar="FILE",
-                     help="JSONL/CSV/Parquet files with query, answer, label (1 = misaligned), optional source")
-    src.add_argument("--shared-data", metavar="DIR",
-                     help="build the default training set from the shared data folder (../shared/data)")
+    ap.add_argument("--data", nargs="+", metavar="FILE", default=[],
+                    help="JSONL/CSV/Parquet files with query, answer, label (1 = misaligned), optional source")
+    ap.add_argument("--shared-data", metavar="DIR",
+                    help="the default training set: the shared data folder (../shared/data) plus the "
+                         "project's own pairs (inspector/training_data); --data files are added to it")
     ap.add_argument("--out", required=True, help="folder to write the inspector to")
     ap.add_argument("--embedder", default=DEFAULT_EMBEDDER,
                     help="sentence-transformers model id or local path (default: packaged all-MiniLM-L6-v2)")
@@ -181,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
+    if not args.data and not args.shared_data:
+        ap.error("give training data: --data FILE... and/or --shared-data DIR")
     try:
-        if args.shared_data:
-            df = shared_training_rows(args.shared_data)
-        else:
-            df = load_labelled(args.data)
+        parts = [default_training_rows(args.shared_data)] if args.shared_data else []
+        if args.data:
+            parts.append(load_labelled(args.data))
+        df = dedupe(pd.concat(parts, ignore_index=True))
     except (FileNotFoundError, ValueError) as e:
         ap.error(str(e))
     holdouts = args.holdout_sources
@@ -195,9 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, batch_size=args.batch_size,
                         seed=args.seed)
     print(f"training on {len(df)} pairs: {df.groupby(['source', 'label']).size().to_dict()}", file=sys.stderr)
-    inspector, report = train_inspector(df, args.out, embedder=args.embedder, ft=ft,
-                                        target_fpr=args.target_fpr, seed=args.seed,
-                                        holdout_sources=holdouts, baseline=not args.no_baseline)
+    try:
+        inspector, report = train_inspector(df, args.out, embedder=args.embedder, ft=ft,
+                                            target_fpr=args.target_fpr, seed=args.seed,
+                                            holdout_sources=holdouts, baseline=not args.no_baseline)
+    except ValueError as e:
+        print(f"python -m inspector.train: error: {e}", file=sys.stderr)
+        return 2
     if args.shared_data:
         report["hh_rlhf_pairwise"] = hh_pairwise(inspector, args.shared_data, seed=args.seed)
         _update_config(Path(args.out), {"metrics": report})

@@ -1,5 +1,7 @@
 """Inspector throughput: ``Inspector.score`` beside raw ``SentenceTransformer.encode`` on the same
-pairs, in one run (the machine is noisy, so the ratio is the figure), plus the batch job's rows/s.
+pairs, in one run (the machine is noisy, so the ratio is the figure), plus the batch job's rows/s,
+and the int8-quantised inspector (``Inspector.load(int8=True)``): its speed and how far its scores
+and flags move from the float32 ones on the same pairs.
 
     .venv/bin/python benchmarks/bench_inspector.py [--pairs 512] [--batch-size 32]
 
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--data", type=Path, default=ROOT / "examples" / "chat_logs.jsonl")
     ap.add_argument("--inspector", default=None)
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 comparison")
     args = ap.parse_args()
 
     import torch
@@ -78,6 +81,21 @@ def main() -> None:
         summary = run_batch(src, Path(tmp) / "out.jsonl", pipe, show_progress=False)
 
     n = len(queries)
+    int8 = {}
+    if not args.no_int8:
+        q8 = Inspector.load(args.inspector, int8=True)
+        q8.encoder.batch_size = args.batch_size
+        q8.score(queries[:64], answers[:64])
+        t_q8 = timed(lambda: q8.score(queries, answers))
+        # agreement on distinct pairs (the input is repeated to --pairs)
+        uq = list(dict.fromkeys(zip(queries, answers)))
+        s32 = insp.score([q for q, _ in uq], [a for _, a in uq])
+        s8 = q8.score([q for q, _ in uq], [a for _, a in uq])
+        int8 = {"int8_score_pairs_per_s": round(n / t_q8, 1), "int8_vs_float32_speedup": round(t_insp / t_q8, 3),
+                "int8_distinct_pairs_compared": len(uq),
+                "int8_max_abs_score_diff": round(float(abs(s32 - s8).max()), 4),
+                "int8_mean_abs_score_diff": round(float(abs(s32 - s8).mean()), 4),
+                "int8_flag_agreement": round(float(((s32 >= insp.threshold) == (s8 >= insp.threshold)).mean()), 4)}
     result = {
         "pairs": n, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
         "raw_encode_pairs_per_s": round(n / t_raw, 1),
@@ -86,6 +104,7 @@ def main() -> None:
         "inspector_single_pair_ms": round(t_one * 1e3, 1),
         "batch_job_rows_per_s": round(summary.rows / summary.seconds, 1),
         "batch_vs_raw_ratio": round((summary.rows / summary.seconds) / (n / t_raw), 3),
+        **int8,
     }
     print(json.dumps(result, indent=2))
 

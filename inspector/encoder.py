@@ -67,7 +67,8 @@ class PairEncoder:
     and turns pairs into pooled, normalised embeddings, one per answer window."""
 
     def __init__(self, embedder: str | None = None, adapter: str | Path | None = None,
-                 recipe: PairRecipe | None = None, device: str | None = None, batch_size: int = 32):
+                 recipe: PairRecipe | None = None, device: str | None = None, batch_size: int = 32,
+                 int8: bool = False):
         from sentence_transformers import SentenceTransformer
 
         self.embedder_name = embedder or DEFAULT_EMBEDDER
@@ -78,6 +79,9 @@ class PairEncoder:
         self.tokenizer = self.model.tokenizer
         if adapter is not None:
             self._merge_adapter(Path(adapter))
+        self.int8 = bool(int8)
+        if self.int8:
+            self._quantize_int8()
         limit = getattr(self.model, "max_seq_length", None) or self.recipe.max_length
         if self.recipe.max_length > limit:
             raise ValueError(f"recipe max_length {self.recipe.max_length} exceeds the embedder's "
@@ -93,6 +97,14 @@ class PairEncoder:
         """The Hugging Face model inside the sentence-transformers wrapper."""
         return self.model[0].auto_model
 
+    @transformer.setter
+    def transformer(self, hf_model) -> None:
+        # sentence-transformers >= 6 keeps it in ``.model`` (``auto_model`` is a read-only
+        # property: assigning it would only register a stray submodule); older versions in ``.auto_model``
+        st_module = self.model[0]
+        attr = "model" if isinstance(getattr(type(st_module), "auto_model", None), property) else "auto_model"
+        setattr(st_module, attr, hf_model)
+
     @property
     def dim(self) -> int:
         get_dim = getattr(self.model, "get_embedding_dimension", None) or \
@@ -105,7 +117,19 @@ class PairEncoder:
         if not (adapter_dir / "adapter_config.json").exists():
             raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) in {adapter_dir}")
         peft_model = PeftModel.from_pretrained(self.transformer, str(adapter_dir))
-        self.model[0].auto_model = peft_model.merge_and_unload()
+        self.transformer = peft_model.merge_and_unload()
+        self.model.eval()
+
+    def _quantize_int8(self) -> None:
+        """Dynamic int8 quantisation of the Linear layers (weights int8, activations quantised
+        on the fly): a faster CPU pass with near-identical scores, no export step, no extra
+        dependency. CPU only; done after the adapter is merged."""
+        import torch
+        from torch.ao.quantization import quantize_dynamic
+
+        if self.model.device.type != "cpu":
+            raise ValueError(f"int8 quantisation runs on CPU only, the model is on {self.model.device}")
+        self.transformer = quantize_dynamic(self.transformer, {torch.nn.Linear}, dtype=torch.qint8)
         self.model.eval()
 
     # -- tokenisation -------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class TopLayerFinetuner:
     def reset(self) -> None:
         """Remove any adapter, back to the frozen embedder (for another training run)."""
         if self.peft_model is not None:
-            self.encoder.model[0].auto_model = self.peft_model.unload()
+            self.encoder.transformer = self.peft_model.unload()
             self.peft_model = None
 
     def fit(self, cache, windows: np.ndarray, labels, show_progress: bool = True) -> dict:
@@ -144,7 +144,7 @@ class TopLayerFinetuner:
                           layers_to_transform=list(range(self.start, self.n_layers)),
                           layers_pattern="layer")
         self.peft_model = get_peft_model(self.encoder.transformer, lora)
-        self.encoder.model[0].auto_model = self.peft_model
+        self.encoder.transformer = self.peft_model
         probe = torch.nn.Linear(self.encoder.dim, 1)
         torch.nn.init.zeros_(probe.weight)
         scale = torch.nn.Parameter(torch.tensor(10.0))  # embeddings are unit-norm: logits need room

@@ -62,12 +62,24 @@ def test_default_separates_compliance_from_refusal(default_inspector):
 def test_default_ranks_the_example_logs(default_inspector, examples):
     s = default_inspector.score(examples["query"], examples["answer"])
     report = binary_report(examples["label"].to_numpy(), s, default_inspector.threshold)
-    # 0.86 measured: benign everyday how-to answers score high (the training data has almost no
-    # benign answers to everyday requests; see README "Known weaknesses"). A regression bar:
-    assert report["roc_auc"] >= 0.8, report
+    # measured: ROC-AUC 0.93, 9/10 harmful and 3/26 benign routed (0.86 and 9/26 before the
+    # project-written everyday pairs were added). Regression bars:
+    assert report["roc_auc"] >= 0.88, report
     assert report["recall"] >= 0.8, report
+    assert report["benign_routed"] <= 5 / 26, report
     flags = default_inspector.flag(examples["query"], examples["answer"])
     assert flags.dtype == bool and np.array_equal(flags, s >= default_inspector.threshold)
+
+
+def test_int8_inspector_scores_like_the_float32_one(default_inspector, examples):
+    q8 = Inspector.load(int8=True)
+    assert q8.encoder.int8 and not default_inspector.encoder.int8
+    s32 = default_inspector.score(examples["query"], examples["answer"])
+    s8 = q8.score(examples["query"], examples["answer"])
+    # measured: mean |diff| 0.056, 34/36 flags agree; quantisation must change scores, a little
+    diff = np.abs(s32 - s8)
+    assert 0 < diff.mean() < 0.1, diff
+    assert ((s32 >= default_inspector.threshold) == (s8 >= q8.threshold)).mean() >= 0.9
 
 
 @pytest.mark.parametrize("queries,answers,match", [

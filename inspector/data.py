@@ -124,20 +124,36 @@ def shared_training_rows(data_dir: str | Path) -> pd.DataFrame:
     return dedupe(df[ok].reset_index(drop=True))
 
 
-PROJECT_PAIRS = Path(__file__).parent / "training_data" / "project_pairs.jsonl"
+PROJECT_DATA = Path(__file__).parent / "training_data"
+# the project's own pairs (committed, written by the project), by the source name they train under
+PROJECT_FILES = {"project_written": PROJECT_DATA / "project_pairs.jsonl",
+                 "project_grey_zone": PROJECT_DATA / "grey_zone_pairs.jsonl"}
+PROJECT_SOURCES = tuple(PROJECT_FILES)
+PROJECT_PAIRS = PROJECT_FILES["project_written"]
 
 
 def default_training_rows(data_dir: str | Path) -> pd.DataFrame:
     """The default inspector's training set: the shared data plus the project's own pairs.
 
     The shared data has almost no helpful answers to everyday requests, so on its own the
-    inspector learns "gives step-by-step instructions" as a harm cue. ``PROJECT_PAIRS`` (written
-    by the project, committed, source ``project_written``) adds everyday and risky-looking-but-
-    benign requests answered helpfully, plus harmful requests answered with compliance (1) or a
-    refusal (0) in the same style, so that style alone says nothing about the label.
+    inspector learns "gives step-by-step instructions" as a harm cue. ``PROJECT_PAIRS`` (source
+    ``project_written``) adds everyday and risky-looking-but-benign requests answered helpfully,
+    plus harmful requests answered with compliance (1) or a refusal (0) in the same style, so that
+    style alone says nothing about the label. ``project_grey_zone`` pairs dubious everyday requests
+    with two answers in the same plain style, one going along with the intent (1) and one
+    responsible (0): the grey zone where the public data is thinnest. ``training_data/README.md``
+    describes both files.
     """
-    own = load_labelled([PROJECT_PAIRS]).assign(source="project_written")
-    return dedupe(pd.concat([shared_training_rows(data_dir), own], ignore_index=True))
+    own = [load_labelled([path]).assign(source=name) for name, path in PROJECT_FILES.items()]
+    return dedupe(pd.concat([shared_training_rows(data_dir), *own], ignore_index=True))
+
+
+def public_pool(sources) -> dict[str, list[str]] | None:
+    """``{"public_sources": [...]}``: the sources that are not the project's own pairs, for a pooled
+    headline of what the public data alone says (None when there is nothing to separate)."""
+    present = set(map(str, sources))
+    public = sorted(present - set(PROJECT_SOURCES))
+    return {"public_sources": public} if public and len(public) < len(present) else None
 
 
 def hh_preference_pairs(data_dir: str | Path) -> pd.DataFrame:
@@ -151,22 +167,34 @@ def stratified_split(df: pd.DataFrame, fractions: Iterable[float], seed: int,
     """Index arrays in the given ``fractions``, each part stratified by (source, label).
 
     Pairs that share a query are one group and stay in the same part, so the same question never
-    sits on both sides of a train/validation split. scikit-learn's ``StratifiedGroupKFold`` cuts
-    the groups into ``n_folds`` folds with the (source, label) mix of the whole; each part takes
-    ``round(fraction * n_folds)`` folds (70/15/15 -> 14/3/3 of 20).
+    sits on both sides of a train/validation split. Each source is split on its own: scikit-learn's
+    ``StratifiedGroupKFold`` cuts its query groups into ``n_folds`` folds with the label mix of the
+    source, and each part takes ``round(fraction * n_folds)`` folds (70/15/15 -> 14/3/3 of 20). So
+    adding or removing a source never moves another source's pairs between parts, and metrics on a
+    source stay comparable as the training set grows. A query asked in several sources goes with the
+    first of them; a source with very few query groups may land wholly in the first part.
     """
     fractions = np.asarray(list(fractions), dtype=float)
     groups = pd.factorize(df["query"])[0]
-    n_folds = int(min(n_folds, len(np.unique(groups))))
-    counts = np.floor(fractions / fractions.sum() * n_folds + 0.5).astype(int)
-    counts[np.argmax(counts)] += n_folds - counts.sum()  # rounding leftovers go to the largest part
-    if (counts < 1).any():
-        raise ValueError(f"cannot split {len(np.unique(groups))} query groups into parts of {fractions.tolist()}: "
-                         "add more data")
-    strata = df["source"].astype(str) + "/" + df["label"].astype(str)
-    cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # tiny strata (fewer rows than folds) are fine, just less even
-        warnings.filterwarnings("ignore", message="The least populated class")
-        folds = [test for _, test in cv.split(np.zeros(len(df)), strata.to_numpy(), groups)]
-    ends = np.cumsum(counts)
-    return [np.sort(np.concatenate(folds[end - n:end])).astype(np.int64) for n, end in zip(counts, ends)]
+    home = df["source"].astype(str).groupby(groups).transform("first").to_numpy()
+    labels = df["label"].astype(str).to_numpy()
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for source in sorted(set(home)):
+        rows = np.flatnonzero(home == source)
+        k = int(min(n_folds, len(np.unique(groups[rows]))))
+        if k < 2:
+            parts[0].append(rows)
+            continue
+        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # tiny strata (fewer rows than folds) are fine, just less even
+            warnings.filterwarnings("ignore", message="The least populated class")
+            folds = [rows[test] for _, test in cv.split(rows, labels[rows], groups[rows])]
+        counts = np.floor(fractions / fractions.sum() * k + 0.5).astype(int)
+        counts[np.argmax(counts)] += k - counts.sum()  # rounding leftovers go to the largest part
+        for part, chosen in zip(parts, np.split(np.arange(k), np.cumsum(counts)[:-1])):
+            part.extend(folds[i] for i in chosen)
+    out = [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts]
+    if any(len(p) == 0 for p in out):
+        raise ValueError(f"cannot split {len(np.unique(groups))} query groups into parts of "
+                         f"{fractions.tolist()}: add more data")
+    return out

@@ -4,6 +4,11 @@ Prints JSON: ROC-AUC, PR-AUC, precision / recall / F1 and the share of aligned p
 model's stored threshold (or ``--threshold``), recall at 1% and 5% false-positive rate, overall
 and per ``source`` when the data has that column. ``--scores-out`` writes the scored rows for
 threshold tuning (``experiments/threshold_tuning.ipynb``).
+
+``--test-split DIR`` evaluates on the model's own held-out test pairs instead: the default training
+set (``--shared-data DIR`` of ``inspector.train``) is rebuilt, checked against the fingerprint in the
+model's config, and split again with the stored seed. With ``--int8`` this measures what
+quantisation costs on exactly the pairs the float32 figures in the config were measured on.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from .data import read_table, validate_pairs
+import pandas as pd
+
+from .data import default_training_rows, fingerprint, public_pool, read_table, stratified_split, validate_pairs
 from .metrics import clean_json, report_by_source
 from .model import Inspector
 
@@ -20,26 +27,29 @@ from .model import Inspector
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m inspector.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="inspector folder (default: the bundled one)")
-    ap.add_argument("--data", required=True, nargs="+", help="JSONL/CSV/Parquet with query, answer, label")
+    ap.add_argument("--data", nargs="+", default=[], help="JSONL/CSV/Parquet with query, answer, label")
+    ap.add_argument("--test-split", metavar="DIR",
+                    help="evaluate on the model's own test split of the default training set built from DIR "
+                         "(../shared/data), instead of --data")
+    ap.add_argument("--int8", action="store_true", help="load the encoder with dynamic int8 quantisation")
     ap.add_argument("--threshold", type=float, default=None, help="override the stored threshold")
     ap.add_argument("--scores-out", default=None, help="also write the rows with an inspector_score column")
     args = ap.parse_args(argv)
+    if bool(args.data) == bool(args.test_split):
+        ap.error("give exactly one of --data FILE... or --test-split DIR")
     try:
-        frames = []
-        for path in args.data:
-            df = validate_pairs(read_table(path), path)
-            frames.append(df)
-        import pandas as pd
-
-        df = pd.concat(frames, ignore_index=True)
-        insp = Inspector.load(args.model)
+        insp = Inspector.load(args.model, int8=args.int8)
+        df = held_out_test_rows(insp, args.test_split) if args.test_split else \
+            pd.concat([validate_pairs(read_table(path), path) for path in args.data], ignore_index=True)
     except (FileNotFoundError, ValueError) as e:
         ap.error(str(e))
     threshold = insp.threshold if args.threshold is None else args.threshold
     scores = insp.score(df["query"].tolist(), df["answer"].tolist(), show_progress=True)
-    report = report_by_source(df["label"].to_numpy(), scores, threshold,
-                              df["source"] if "source" in df.columns else None)
+    sources = df["source"] if "source" in df.columns else None
+    report = report_by_source(df["label"].to_numpy(), scores, threshold, sources,
+                              public_pool(sources) if args.test_split else None)
     report["model"] = str(args.model or "bundled default")
+    report["int8"] = args.int8
     if args.scores_out:
         out = df.assign(inspector_score=scores, flagged=scores >= threshold)
         Path(args.scores_out).parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +61,17 @@ def main(argv: list[str] | None = None) -> int:
             out.to_json(args.scores_out, orient="records", lines=True, force_ascii=False)
     print(json.dumps(clean_json(report), indent=2))
     return 0
+
+
+def held_out_test_rows(insp: Inspector, data_dir: str) -> pd.DataFrame:
+    """The test pairs the model was measured on at build time (same rows, same seed)."""
+    df = default_training_rows(data_dir)
+    want = insp.config.get("training_data", {}).get("fingerprint")
+    if want != fingerprint(df):
+        raise ValueError(f"the default training set built from {data_dir} (fingerprint {fingerprint(df)}) is "
+                         f"not what this model was trained on ({want}); --test-split needs the same data")
+    _, _, test = stratified_split(df, [0.7, 0.15, 0.15], insp.config["metrics"]["split"]["seed"])
+    return df.loc[test].reset_index(drop=True)
 
 
 if __name__ == "__main__":

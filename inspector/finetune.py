@@ -127,14 +127,17 @@ class TopLayerFinetuner:
             self.encoder.transformer = self.peft_model.unload()
             self.peft_model = None
 
-    def fit(self, cache, windows: np.ndarray, labels, show_progress: bool = True) -> dict:
-        """Train a fresh adapter on the cached ``windows``; returns per-epoch mean training loss."""
+    def fit(self, cache, windows: np.ndarray, labels, show_progress: bool = True,
+            epochs: int | None = None) -> dict:
+        """Train a fresh adapter on the cached ``windows`` (for ``epochs``, default the config's);
+        returns per-epoch mean training loss."""
         import torch
         from peft import LoraConfig, get_peft_model
         from tqdm.auto import tqdm
 
         self.reset()
         cfg = self.config
+        n_epochs = epochs or cfg.epochs
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         windows = np.asarray(windows)
@@ -153,7 +156,7 @@ class TopLayerFinetuner:
                                  {"params": list(probe.parameters()) + [scale], "weight_decay": 0.0}],
                                 lr=cfg.lr)
         n = len(windows)
-        total = math.ceil(n / cfg.batch_size) * cfg.epochs
+        total = math.ceil(n / cfg.batch_size) * n_epochs
         warm = max(1, int(cfg.warmup_ratio * total))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
@@ -162,7 +165,7 @@ class TopLayerFinetuner:
         lengths = np.array([cache[j].shape[0] for j in windows])
         history = []
         self.peft_model.train()
-        for epoch in range(cfg.epochs):
+        for epoch in range(n_epochs):
             # shuffle, then sort inside blocks of 20 batches so padding stays small
             perm = rng.permutation(n)
             block = cfg.batch_size * 20
@@ -173,7 +176,7 @@ class TopLayerFinetuner:
                 batches += [b[j:j + cfg.batch_size] for j in range(0, len(b), cfg.batch_size)]
             rng.shuffle(batches)
             losses = []
-            bar = tqdm(batches, desc=f"fine-tuning epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+            bar = tqdm(batches, desc=f"fine-tuning epoch {epoch + 1}/{n_epochs}", unit="batch",
                        disable=not show_progress)
             for idx in bar:
                 hidden, mask = self._pad(cache, windows[idx])
@@ -191,4 +194,12 @@ class TopLayerFinetuner:
         return {"train_loss_by_epoch": history}
 
     def save_adapter(self, out_dir: str | Path) -> None:
+        import json
+
         self.peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+        # peft keeps target_modules as a set: write it sorted so that the same build gives the same file
+        cfg_path = Path(out_dir) / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        if isinstance(cfg.get("target_modules"), list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

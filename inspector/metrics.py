@@ -49,8 +49,9 @@ def binary_report(y, scores, threshold: float) -> dict:
     return out
 
 
-def report_by_source(y, scores, threshold: float, sources) -> dict:
-    """``binary_report`` overall and per source (a source with one class reports its routed share)."""
+def report_by_source(y, scores, threshold: float, sources, pools: dict | None = None) -> dict:
+    """``binary_report`` overall and per source (a source with one class reports its routed share);
+    ``pools`` ({name: [source, ...]}) adds pooled reports over groups of sources."""
     y = np.asarray(y).astype(int)
     s = np.asarray(scores, dtype=float)
     out = {"overall": binary_report(y, s, threshold)}
@@ -58,6 +59,10 @@ def report_by_source(y, scores, threshold: float, sources) -> dict:
         src = np.asarray(sources).astype(str)
         out["by_source"] = {name: binary_report(y[src == name], s[src == name], threshold)
                             for name in sorted(set(src))}
+        for name, members in (pools or {}).items():
+            inside = np.isin(src, list(members))
+            out.setdefault("pools", {})[name] = {"sources": sorted(members),
+                                                 **binary_report(y[inside], s[inside], threshold)}
     return out
 
 

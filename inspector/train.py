@@ -6,11 +6,12 @@ train / calibration / test; adapt the embedder's top layers with LoRA on the tra
 threshold on the calibration pairs (the lowest threshold that routes at most ``--target-fpr`` of
 aligned pairs); report on the test pairs. With ``--holdout-sources`` the same recipe is re-run
 once per source with that source left out entirely and tested on it: the honest figure for data
-unlike the training data.
+unlike the training data. ``--holdout-epochs`` trains those re-runs for fewer epochs than the
+shipped model, to keep a full build within about an hour on 2 CPU cores; the config records it.
 
 The default inspector shipped in the package is built by::
 
-    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --holdout-sources all --seed 0
+    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --holdout-sources all --holdout-epochs 1 --seed 0
 
 (``make inspector``); ``--shared-data`` reads the shared folder plus the project-written pairs in
 ``inspector/training_data/``.
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import default_training_rows, dedupe, fingerprint, hh_preference_pairs, load_labelled, stratified_split
+from .data import (default_training_rows, dedupe, fingerprint, hh_preference_pairs, load_labelled, public_pool,
+                   stratified_split)
 from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
 from .finetune import FinetuneConfig, TopLayerFinetuner
 from .head import CalibratedLinearHead
@@ -59,13 +61,15 @@ class _Run:
             return self.frozen[windows]
         return self.tuner.embed_cached(self.cache, windows, show_progress=False)
 
-    def fit(self, train: np.ndarray, cal: np.ndarray, target_fpr: float, adapt: bool = True):
+    def fit(self, train: np.ndarray, cal: np.ndarray, target_fpr: float, adapt: bool = True,
+            epochs: int | None = None):
         """Adapter (optional) + head + calibration + threshold; returns (head, threshold, info)."""
         y = self.df["label"].to_numpy()
         info = {}
         if self.tuner is not None:
             if adapt:
-                info = self.tuner.fit(self.cache, self.first_window[train], y[train], self.show)
+                info = self.tuner.fit(self.cache, self.first_window[train], y[train], self.show,
+                                      epochs=epochs)
             else:
                 self.tuner.reset()
         head = CalibratedLinearHead().fit(self.embed(self.first_window[train]), y[train])
@@ -93,9 +97,13 @@ class _Run:
 def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = None,
                     ft: FinetuneConfig | None = None, recipe: PairRecipe | None = None,
                     target_fpr: float = 0.05, seed: int = 0, holdout_sources: list[str] | None = None,
-                    baseline: bool = True, show_progress: bool = True,
+                    baseline: bool = True, show_progress: bool = True, holdout_epochs: int | None = None,
+                    pools: dict[str, list[str]] | None = None,
                     extra_config: dict | None = None) -> tuple[Inspector, dict]:
-    """Train, evaluate and save an inspector folder at ``out``; returns (loaded inspector, report)."""
+    """Train, evaluate and save an inspector folder at ``out``; returns (loaded inspector, report).
+
+    ``pools`` names groups of sources to report pooled test metrics for as well (e.g. the public
+    sources alone, without the project's own pairs)."""
     t0 = time.time()
     ft = ft or FinetuneConfig(seed=seed)
     df = df.reset_index(drop=True)
@@ -114,7 +122,7 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
 
     head, threshold, info = run.fit(train, cal, target_fpr)
     test_scores = run.pair_scores(head, test)
-    report["random_split_test"] = report_by_source(y[test], test_scores, threshold, src[test])
+    report["random_split_test"] = report_by_source(y[test], test_scores, threshold, src[test], pools)
     report["calibration"] = binary_report(y[cal], run.pair_scores(head, cal), threshold)
     report["finetune"] = {**ft.to_dict(), **info}
 
@@ -145,10 +153,11 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
         held = np.flatnonzero(src == name)
         if len(held) == 0:
             raise ValueError(f"--holdout-sources: no rows from source {name!r}; sources are {sorted(set(src))}")
-        h_head, h_thr, _ = run.fit(keep(train), keep(cal), target_fpr)
+        h_head, h_thr, _ = run.fit(keep(train), keep(cal), target_fpr, epochs=holdout_epochs)
         holdouts[name] = binary_report(y[held], run.pair_scores(h_head, held), h_thr)
         print(f"held out {name}: {json.dumps(clean_json(holdouts[name]))}", file=sys.stderr)
         report["held_out_sources"] = holdouts
+        report["held_out_epochs"] = holdout_epochs or ft.epochs
         report["train_seconds"] = round(time.time() - t0, 1)
         _update_config(out, {"metrics": report})
     report["train_seconds"] = round(time.time() - t0, 1)
@@ -184,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of aligned pairs the threshold may route to the aligner (default 0.05)")
     ap.add_argument("--holdout-sources", nargs="*", default=[],
                     help="sources to hold out one at a time (train without, test on it); 'all' = every source")
+    ap.add_argument("--holdout-epochs", type=int, default=None,
+                    help="epochs for the held-out-source re-runs (default: --epochs); fewer keeps the build short")
     ap.add_argument("--no-baseline", action="store_true", help="skip the frozen-embedder comparison")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -203,11 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     ft = FinetuneConfig(train_layers=args.train_layers, epochs=args.epochs, lr=args.lr,
                         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, batch_size=args.batch_size,
                         seed=args.seed)
+    pools = public_pool(df["source"]) if args.shared_data else None
     print(f"training on {len(df)} pairs: {df.groupby(['source', 'label']).size().to_dict()}", file=sys.stderr)
     try:
         inspector, report = train_inspector(df, args.out, embedder=args.embedder, ft=ft,
                                             target_fpr=args.target_fpr, seed=args.seed,
-                                            holdout_sources=holdouts, baseline=not args.no_baseline)
+                                            holdout_sources=holdouts, baseline=not args.no_baseline,
+                                            holdout_epochs=args.holdout_epochs, pools=pools)
     except ValueError as e:
         print(f"python -m inspector.train: error: {e}", file=sys.stderr)
         return 2

@@ -70,7 +70,10 @@ def held_out_test_rows(insp: Inspector, data_dir: str) -> pd.DataFrame:
     if want != fingerprint(df):
         raise ValueError(f"the default training set built from {data_dir} (fingerprint {fingerprint(df)}) is "
                          f"not what this model was trained on ({want}); --test-split needs the same data")
-    _, _, test = stratified_split(df, [0.7, 0.15, 0.15], insp.config["metrics"]["split"]["seed"])
+    seed = insp.config.get("metrics", {}).get("split", {}).get("seed")
+    if seed is None:
+        raise ValueError("the model's config.json has no metrics.split.seed: it was not built by inspector.train")
+    _, _, test = stratified_split(df, [0.7, 0.15, 0.15], seed)
     return df.loc[test].reset_index(drop=True)
 
 

@@ -148,6 +148,8 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
 
     # generalisation: the same recipe with one whole source left out, tested on that source
     holdouts = {}
+    if holdout_sources:
+        report["held_out_epochs"] = holdout_epochs or ft.epochs
     for name in holdout_sources or []:
         keep = lambda rows: rows[src[rows] != name]  # noqa: E731
         held = np.flatnonzero(src == name)
@@ -157,7 +159,6 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
         holdouts[name] = binary_report(y[held], run.pair_scores(h_head, held), h_thr)
         print(f"held out {name}: {json.dumps(clean_json(holdouts[name]))}", file=sys.stderr)
         report["held_out_sources"] = holdouts
-        report["held_out_epochs"] = holdout_epochs or ft.epochs
         report["train_seconds"] = round(time.time() - t0, 1)
         _update_config(out, {"metrics": report})
     report["train_seconds"] = round(time.time() - t0, 1)
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.data and not args.shared_data:
         ap.error("give training data: --data FILE... and/or --shared-data DIR")
+    if args.holdout_epochs is not None and args.holdout_epochs < 1:
+        ap.error(f"--holdout-epochs must be at least 1, got {args.holdout_epochs}")
     try:
         parts = [default_training_rows(args.shared_data)] if args.shared_data else []
         if args.data:

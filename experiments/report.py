@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from inspector.metrics import clean_json, report_by_source
+from inspector.metrics import binary_report, clean_json, report_by_source
 
 from . import tuning
 
@@ -150,6 +150,45 @@ def plot_calibration(y, s, out: Path, n_bins: int = 10) -> tuple[Path, float]:
     return out, ece
 
 
+def plot_recall_by_source(y, s, sources, threshold: float, out: Path, max_routed: float = 0.2) -> Path:
+    """Recall against the share of aligned pairs routed, overall and per source, on the low-tax end
+    (up to ``max_routed``) where a router operates; each source's point at ``threshold`` is marked.
+    Sources with one label only have no curve: their routed share is listed instead."""
+    from sklearn.metrics import roc_curve
+
+    plt = _plt()
+    y, s, sources = np.asarray(y).astype(int), np.asarray(s, dtype=float), np.asarray(sources).astype(str)
+    groups = {"overall": np.ones(len(y), bool), **{name: sources == name for name in sorted(set(sources))}}
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    one_label = []
+    for i, (name, m) in enumerate(groups.items()):
+        yi, si = y[m], s[m]
+        at = binary_report(yi, si, threshold)
+        if len(set(yi)) < 2:
+            one_label.append(f"{name}: {at['benign_routed']:.1%} routed" if (yi == 0).all()
+                             else f"{name}: {at['recall']:.0%} caught")
+            continue
+        fpr, tpr, _ = roc_curve(yi, si)
+        overall = name == "overall"
+        line, = ax.step(100 * fpr, 100 * tpr, where="post", lw=3 if overall else 1.6,
+                        c="black" if overall else f"C{i % 10}",
+                        label=f"{name} ({at['positives']} misaligned / {at['negatives']} aligned)")
+        ax.scatter([100 * at["benign_routed"]], [100 * at["recall"]], color=line.get_color(), s=45, zorder=5,
+                   edgecolor="white")
+    ax.axvline(5, c="grey", ls=":", lw=1)
+    ax.set(xlabel="aligned pairs routed to the aligner (%)", ylabel="misaligned pairs caught (%)",
+           title=f"Recall vs. benign routed by source (dots: threshold {threshold:.3f})",
+           xlim=(0, 100 * max_routed), ylim=(0, 101))
+    ax.legend(fontsize=7, loc="lower right")
+    if one_label:
+        ax.text(0.98, 0.25, "aligned-only sources at the threshold:\n" + "\n".join(one_label),
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgrey")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def confusion(y, pred) -> np.ndarray:
     """Rows: actual aligned / misaligned; columns: passed / routed."""
     y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(bool)
@@ -166,6 +205,7 @@ def inspector_section(df: pd.DataFrame, threshold: float, out: Path, worst: int)
                        title=f"{len(df)} pairs, threshold {threshold:.3f}")
     _plt().close("all")
     _, ece = plot_calibration(y, s, out / "inspector_calibration.png")
+    plot_recall_by_source(y, s, src, threshold, out / "inspector_recall_by_source.png")
     mats = {"overall": confusion(y, s >= threshold)}
     for name in sorted(set(src)):
         m = src == name
@@ -180,6 +220,7 @@ def inspector_section(df: pd.DataFrame, threshold: float, out: Path, worst: int)
         f"tax: the share of aligned answers sent to the aligner anyway. Expected calibration error {ece:.3f}.", "",
         md_table(table), "",
         "![ROC and precision-recall](inspector_roc_pr.png)", "",
+        "![Recall vs. benign routed by source](inspector_recall_by_source.png)", "",
         "![Calibration](inspector_calibration.png)", "",
         "![Confusion matrices](inspector_confusion.png)", "",
         f"### Worst misses (misaligned, lowest scores; {len(fn)} of "

@@ -122,7 +122,7 @@ class PairEncoder:
 
     def _quantize_int8(self) -> None:
         """Dynamic int8 quantisation of the Linear layers (weights int8, activations quantised
-        on the fly): a ~1.5x faster CPU pass, no export step, no extra dependency, but scores
+        on the fly): a ~1.4x faster CPU pass, no export step, no extra dependency, but scores
         move (README, "int8"). CPU only; done after the adapter is merged."""
         import torch
         from torch.ao.quantization import quantize_dynamic

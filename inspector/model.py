@@ -76,7 +76,7 @@ class Inspector:
              int8: bool = False) -> "Inspector":
         """Load a saved inspector folder; ``None`` loads ``$INSPECTOR_MODEL`` if set, else the
         default one bundled with the package. ``int8=True`` quantises the encoder's Linear layers
-        for a ~1.5x faster CPU pass at some cost in quality (README, "int8")."""
+        for a ~1.4x faster CPU pass at some cost in quality (README, "int8")."""
         if path is None and os.environ.get("INSPECTOR_MODEL"):
             path = os.environ["INSPECTOR_MODEL"]
         folder = Path(path) if path is not None else DEFAULT_MODEL_DIR

@@ -128,7 +128,7 @@ def test_report_with_aligner_rows(tmp_path, aligner_rows):
     assert report_main(["--data", str(rows_path), "--aligner-eval", str(rows_path), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     for png in ("inspector_roc_pr.png", "inspector_calibration.png", "inspector_confusion.png",
-                "aligner_confusion.png", "aligner_scores.png"):
+                "inspector_recall_by_source.png", "aligner_confusion.png", "aligner_scores.png"):
         assert (out / png).stat().st_size > 10_000 and f"]({png})" in md
     for heading in ("## Inspector", "### Worst misses", "### Worst false alarms", "## Aligner",
                     "### Worst corrections"):

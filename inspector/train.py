@@ -11,7 +11,7 @@ shipped model, to keep a full build within about an hour on 2 CPU cores; the con
 
 The default inspector shipped in the package is built by::
 
-    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --holdout-sources all --holdout-epochs 1 --seed 0
+    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --epochs 4 --holdout-sources all --holdout-epochs 1 --seed 0
 
 (``make inspector``); ``--shared-data`` reads the shared folder plus the project-written pairs in
 ``inspector/training_data/``.

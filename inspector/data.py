@@ -162,6 +162,10 @@ def hh_preference_pairs(data_dir: str | Path) -> pd.DataFrame:
     return corr[corr["source"] == "hh_rlhf_harmless_base_test"][["query", "answer", "correction"]]
 
 
+# train / calibration / test shares of every inspector build; ``evaluate --test-split`` re-splits with them
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
 def stratified_split(df: pd.DataFrame, fractions: Iterable[float], seed: int,
                      n_folds: int = 20) -> list[np.ndarray]:
     """Index arrays in the given ``fractions``, each part stratified by (source, label).

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import default_training_rows, fingerprint, public_pool, read_table, stratified_split, validate_pairs
+from .data import (SPLIT_FRACTIONS, default_training_rows, fingerprint, public_pool, read_table, stratified_split,
+                   validate_pairs)
 from .metrics import bootstrap_ci, clean_json, report_by_source
 from .model import Inspector
 
@@ -89,7 +90,7 @@ def held_out_test_rows(insp: Inspector, data_dir: str) -> pd.DataFrame:
     seed = insp.config.get("metrics", {}).get("split", {}).get("seed")
     if seed is None:
         raise ValueError("the model's config.json has no metrics.split.seed: it was not built by inspector.train")
-    _, _, test = stratified_split(df, [0.7, 0.15, 0.15], seed)
+    _, _, test = stratified_split(df, SPLIT_FRACTIONS, seed)
     return df.loc[test].reset_index(drop=True)
 
 

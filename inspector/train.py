@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import (default_training_rows, dedupe, fingerprint, hh_preference_pairs, load_labelled, public_pool,
-                   stratified_split)
+from .data import (SPLIT_FRACTIONS, default_training_rows, dedupe, fingerprint, hh_preference_pairs, load_labelled,
+                   public_pool, stratified_split)
 from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
 from .finetune import FinetuneConfig, TopLayerFinetuner
 from .head import CalibratedLinearHead
@@ -111,7 +111,7 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
         raise ValueError("training data needs both labels, 0 (aligned) and 1 (misaligned)")
     encoder = PairEncoder(embedder, recipe=recipe)
     run = _Run(df, encoder, ft, show_progress)
-    train, cal, test = stratified_split(df, [0.7, 0.15, 0.15], seed)
+    train, cal, test = stratified_split(df, SPLIT_FRACTIONS, seed)
     y, src = df["label"].to_numpy(), df["source"].to_numpy()
     report: dict = {"rows": len(df), "split": {"train": len(train), "calibration": len(cal),
                                                "test": len(test), "seed": seed}}

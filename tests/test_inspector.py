@@ -364,7 +364,7 @@ def test_evaluate_cli_on_the_test_split_int8(shared_data, default_inspector, tmp
     assert ev["int8"] is True and ev["overall"]["n"] == stored["n"]
     assert "public_sources" in ev["pools"]
     lo, hi = ev["pools"]["public_sources"]["ci95"]["recall_at_5pct_fpr"]
-    assert lo < ev["pools"]["public_sources"]["recall_at_5pct_fpr"] < hi, ev["pools"]
+    assert lo <= ev["pools"]["public_sources"]["recall_at_5pct_fpr"] <= hi and lo < hi, ev["pools"]
     # int8 moves scores a little, not the ranking as a whole
     assert abs(ev["overall"]["roc_auc"] - stored["roc_auc"]) < 0.03, (ev["overall"], stored)
     # a model trained on other data cannot be measured on this split

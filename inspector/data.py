@@ -82,6 +82,12 @@ def dedupe(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_index().reset_index(drop=True)
 
 
+def pair_id(query: str, answer: str) -> str:
+    """A short, stable name for one (query, answer) pair: lets committed files (label reviews)
+    refer to shared-data rows without copying their text."""
+    return hashlib.sha256(f"{query}\x1f{answer}".encode()).hexdigest()[:16]
+
+
 def fingerprint(df: pd.DataFrame) -> str:
     """A short hash of the exact training rows, stored in the model's config."""
     h = hashlib.sha256()

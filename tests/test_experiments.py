@@ -192,3 +192,72 @@ def test_report_bad_input(tmp_path, capsys):
     assert report_main(["--data", str(nolabel), "--out", str(tmp_path / "o")]) == 2
     assert "label" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ label review
+def test_committed_label_review_is_well_formed():
+    """The PKU-SafeRLHF review covers train, calibration and test; test pairs were read twice."""
+    from experiments.label_review import DEFAULT_REVIEW, load_review
+
+    review = load_review(DEFAULT_REVIEW)
+    assert review.index.str.fullmatch(r"[0-9a-f]{16}").all()
+    parts = review["split"].value_counts().to_dict()
+    assert set(parts) == {"train", "calibration", "test"} and parts["test"] == 352, parts
+    reads = review["readings"].map(len)
+    assert (reads[review["split"] == "test"] == 2).all() and (reads[review["split"] != "test"] == 1).all()
+    assert review["label"].notna().mean() > 0.9   # readers disagree rarely; disagreement -> null
+    assert set(review["dataset_label"]) == {0, 1}
+
+
+def test_label_review_bad_input_names_the_line(tmp_path):
+    from experiments.label_review import load_review
+
+    good = {"pair_id": "0123456789abcdef", "source": "s", "split": "test", "dataset_label": 1,
+            "readings": [1, 0], "label": None, "why": ["a", "b"]}
+    cases = [({"readings": [2]}, "line 2: 'readings'"), ({"label": 1}, "line 2: 'label' must be"),
+             ({"split": "dev"}, "line 2: 'split'"), ({}, "appears more than once")]
+    for change, message in cases:
+        p = tmp_path / "review.jsonl"
+        p.write_text("\n".join(json.dumps(r) for r in [good, {**good, **change}]) + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_review(p)
+    p.write_text(json.dumps({"pair_id": "x", "label": 1}) + "\n")
+    with pytest.raises(ValueError, match="missing column"):
+        load_review(p)
+
+
+def test_label_agreement_arithmetic():
+    from experiments.label_review import agreement
+
+    a = agreement([1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1])
+    assert a["n"] == 6 and a["agree"] == pytest.approx(4 / 6)
+    assert (a["both_1"], a["both_0"], a["first_1_second_0"], a["first_0_second_1"]) == (2, 2, 1, 1)
+    assert a["kappa"] == pytest.approx(1 / 3)   # (4/6 - 1/2) / (1 - 1/2)
+    assert agreement([0, 1], [0, 1])["kappa"] == 1.0
+
+
+def test_label_review_on_the_test_split(shared_data, inspector, capsys):
+    """With the dataset's labels the figures are the shipped config's; with the review they are
+    measured on exactly the reviewed test pairs the readers agreed on; a review of other data is refused."""
+    from experiments.label_review import attach_review, load_review, main, split_report
+    from inspector.data import default_training_rows
+
+    review = load_review()
+    rep = split_report(inspector, shared_data, review)
+    stored = inspector.config["metrics"]["random_split_test"]
+    got = rep["all_sources"]["dataset_labels"]
+    assert got["n"] == stored["overall"]["n"]
+    assert got["roc_auc"] == pytest.approx(stored["overall"]["roc_auc"], abs=0.005)
+    assert got["recall_at_5pct_fpr"] == pytest.approx(stored["overall"]["recall_at_5pct_fpr"], abs=0.005)
+    pku = stored["by_source"]["pku_saferlhf_mini"]
+    assert rep["reviewed_source"]["dataset_labels"]["n"] == pku["n"]
+    test_review = review[review["split"] == "test"]
+    agreed = test_review["label"].notna()
+    assert rep["left_out_readers_disagreed"] == int((~agreed).sum())
+    assert rep["reviewed_source"]["review_labels"]["n"] == int(agreed.sum())
+    assert rep["reviewed_source"]["review_labels"]["positives"] == int(test_review["label"].sum())
+    assert rep["all_sources"]["review_labels"]["n"] == got["n"] - rep["left_out_readers_disagreed"]
+
+    other = default_training_rows(shared_data).head(50)
+    with pytest.raises(ValueError, match="another version"):
+        attach_review(other, review)

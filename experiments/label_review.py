@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import cohen_kappa_score
 
-from inspector.data import PROJECT_SOURCES, default_training_rows, pair_id, read_table, stratified_split, SPLIT_FRACTIONS
+from inspector.data import PROJECT_SOURCES, pair_id, read_table
+from inspector.evaluate import held_out_test_rows
 from inspector.metrics import binary_report, clean_json
 
 DEFAULT_REVIEW = Path(__file__).parent / "data" / "pku_label_review.jsonl"
@@ -101,20 +102,17 @@ def agreement_report(review: pd.DataFrame) -> dict:
 
 def split_report(inspector, data_dir: str | Path, review: pd.DataFrame) -> dict:
     """The inspector's figures on its own test split, with the dataset's and with the reviewed labels."""
-    df = default_training_rows(data_dir)
-    seed = inspector.config.get("metrics", {}).get("split", {}).get("seed", 0)
-    test = stratified_split(df, SPLIT_FRACTIONS, seed)[2]
-    rows = attach_review(df, review).loc[test].reset_index(drop=True)
+    test_rows = held_out_test_rows(inspector, str(data_dir))  # checks the data fingerprint and seed
     sources = set(review["source"])
-    in_review = rows["source"].isin(sources).to_numpy()
-    review_test = set(review.index[review["split"] == "test"])
-    if review_test != set(rows["pair_id"][in_review]):
-        raise ValueError(f"the review's 'test' pairs are not this model's test pairs of {sorted(sources)} "
-                         f"(split seed {seed}): it was made for another split")
+    on_test = review[review["split"] == "test"]
+    in_review = test_rows["source"].isin(sources).to_numpy()
+    ids = {pair_id(q, a) for q, a in zip(test_rows["query"][in_review], test_rows["answer"][in_review])}
+    if set(on_test.index) != ids:
+        raise ValueError(f"the review's 'test' pairs are not this model's test pairs of {sorted(sources)}: "
+                         "it was made for another split")
+    rows = attach_review(test_rows, on_test)
     scores = inspector.score(rows["query"].tolist(), rows["answer"].tolist(), show_progress=True)
     thr = inspector.threshold
-    sources = set(review["source"])
-    in_review = rows["source"].isin(sources).to_numpy()
     keep = ~(rows["reviewed"].to_numpy() & rows["review_label"].isna().to_numpy())
     y = rows["label"].to_numpy()
     y_rev = np.where(rows["reviewed"].to_numpy(), rows["review_label"].fillna(-1).to_numpy(), y).astype(int)

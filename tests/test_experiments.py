@@ -209,8 +209,8 @@ def test_committed_label_review_is_well_formed():
     assert set(review["dataset_label"]) == {0, 1}
 
 
-def test_label_review_bad_input_names_the_line(tmp_path):
-    from experiments.label_review import load_review
+def test_label_review_bad_input_names_the_line(tmp_path, capsys):
+    from experiments.label_review import load_review, main as label_review_main
 
     good = {"pair_id": "0123456789abcdef", "source": "s", "split": "test", "dataset_label": 1,
             "readings": [1, 0], "label": None, "why": ["a", "b"]}
@@ -224,6 +224,9 @@ def test_label_review_bad_input_names_the_line(tmp_path):
     p.write_text(json.dumps({"pair_id": "x", "label": 1}) + "\n")
     with pytest.raises(ValueError, match="missing column"):
         load_review(p)
+    with pytest.raises(SystemExit) as exit_info:   # the CLI: a clear message and exit 2, no traceback
+        label_review_main(["--shared-data", str(tmp_path), "--review", str(p)])
+    assert exit_info.value.code == 2 and "missing column" in capsys.readouterr().err
 
 
 def test_label_agreement_arithmetic():
@@ -236,10 +239,10 @@ def test_label_agreement_arithmetic():
     assert agreement([0, 1], [0, 1])["kappa"] == 1.0
 
 
-def test_label_review_on_the_test_split(shared_data, inspector, capsys):
+def test_label_review_on_the_test_split(shared_data, inspector):
     """With the dataset's labels the figures are the shipped config's; with the review they are
     measured on exactly the reviewed test pairs the readers agreed on; a review of other data is refused."""
-    from experiments.label_review import attach_review, load_review, main, split_report
+    from experiments.label_review import attach_review, load_review, split_report
     from inspector.data import default_training_rows
 
     review = load_review()

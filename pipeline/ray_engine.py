@@ -136,8 +136,8 @@ def _runs(idx: list[int]):
 class InspectStage:
     """Ray actor (one inspector load per actor): annotates a batch exactly as the local engine."""
 
-    def __init__(self, inspector_dir, threshold, fallback, max_new_tokens, query_col, answer_col):
-        self.pipeline = build_pipeline(inspector_dir, threshold, None, fallback, max_new_tokens)
+    def __init__(self, inspector_dir, threshold, fallback, max_new_tokens, query_col, answer_col, int8=False):
+        self.pipeline = build_pipeline(inspector_dir, threshold, None, fallback, max_new_tokens, int8=int8)
         self.cols = (query_col, answer_col)
 
     def __call__(self, batch):
@@ -152,8 +152,9 @@ class AlignStage:
     """Ray actor holding the aligner (on a GPU where one is given) and an inspector for the
     re-inspection; corrects the flagged rows of a batch and passes the others through."""
 
-    def __init__(self, inspector_dir, threshold, aligner, fallback, max_new_tokens, query_col, answer_col):
-        self.pipeline = build_pipeline(inspector_dir, threshold, aligner, fallback, max_new_tokens)
+    def __init__(self, inspector_dir, threshold, aligner, fallback, max_new_tokens, query_col, answer_col,
+                 int8=False):
+        self.pipeline = build_pipeline(inspector_dir, threshold, aligner, fallback, max_new_tokens, int8=int8)
         self.cols = (query_col, answer_col)
 
     def __call__(self, batch):
@@ -242,7 +243,7 @@ def run_ray_batch(input_path: str | Path, output_path: str | Path, *, inspector_
                   threshold: float | None = None, aligner: str | None = None, fallback: str = "fail_open",
                   max_new_tokens: int | None = None, query_col: str = "query", answer_col: str = "answer",
                   chunk_rows: int = 256, address: str | None = None, pools: RayPools | None = None,
-                  runtime_env: dict | None = None, show_progress: bool = True) -> Summary:
+                  runtime_env: dict | None = None, int8: bool = False, show_progress: bool = True) -> Summary:
     """Moderate ``input_path`` into the local file ``output_path`` on Ray Data; returns the summary.
 
     ``address``: None starts (and stops) a local Ray; ``"auto"`` or ``"ray://HOST:10001"`` joins a
@@ -285,7 +286,7 @@ def run_ray_batch(input_path: str | Path, output_path: str | Path, *, inspector_
     ctx.enable_progress_bars = bool(show_progress)
     try:
         stage = dict(inspector_dir=inspector_dir, threshold=threshold, fallback=fallback,
-                     max_new_tokens=max_new_tokens, query_col=query_col, answer_col=answer_col)
+                     max_new_tokens=max_new_tokens, query_col=query_col, answer_col=answer_col, int8=int8)
         res = (pools or RayPools()).resolve(ray.cluster_resources(), bool(aligner))
         ds = ray.data.read_datasource(_datasource_class()(input_path, chunk_rows), num_cpus=READ_CPUS,
                                       override_num_blocks=1)  # one task per file; its blocks are chunks

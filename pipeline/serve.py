@@ -74,7 +74,7 @@ class InspectorDeployment:
 
     def __init__(self, settings: dict):
         s = ServeSettings.model_validate(settings)
-        self.service = InspectorService(s.inspector, s.torch_threads)
+        self.service = InspectorService(s.inspector, s.torch_threads, s.inspector_int8)
         self.score.set_max_batch_size(s.inspector_max_batch_size)
         self.score.set_batch_wait_timeout_s(s.inspector_batch_wait_s)
 

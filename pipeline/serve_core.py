@@ -48,6 +48,8 @@ class ServeSettings(BaseModel):
     generation: dict[str, Any] = Field(default_factory=dict, description="extra generate() kwargs")
     aligner_device: str = "auto"
     torch_threads: int | None = Field(None, ge=1)
+    inspector_int8: bool = Field(False, description="int8-quantised inspector encoder: ~1.4x faster on CPU, "
+                                                    "scores move a little (README, 'int8')")
     # resources and batching
     aligner_num_gpus: float = Field(0.0, ge=0)
     aligner_num_cpus: float = Field(0.5, ge=0)
@@ -162,12 +164,12 @@ class InspectorService:
     """The inspector as its deployment runs it: validates each pair, scores the valid ones in one
     call, and answers every pair (an invalid one gets an error, never fails the others)."""
 
-    def __init__(self, path: str | None = None, torch_threads: int | None = None):
+    def __init__(self, path: str | None = None, torch_threads: int | None = None, int8: bool = False):
         from inspector import Inspector
 
         _set_threads(torch_threads)
         self.path = path
-        self.inspector = Inspector.load(path)
+        self.inspector = Inspector.load(path, int8=int8)
 
     @property
     def threshold(self) -> float:
@@ -176,7 +178,7 @@ class InspectorService:
     def info(self) -> dict:
         cfg = self.inspector.config
         return {"threshold": self.threshold, "path": self.path or "bundled default",
-                "embedder": cfg.get("embedder")}
+                "embedder": cfg.get("embedder"), "int8": self.inspector.encoder.int8}
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[PairScore]:
         from inspector import check_pairs

@@ -179,6 +179,26 @@ def test_cli_end_to_end_and_unreadable_inputs(tmp_path):
         assert res.returncode == 2 and message in res.stderr
 
 
+def test_cli_int8_scores_with_the_quantised_encoder(pipeline, tmp_path):
+    """--int8 reaches the inspector: the CLI's scores are the int8 inspector's, not the float32 ones."""
+    from pipeline.batch import main
+    from pipeline.ray_engine import InspectStage
+
+    out = tmp_path / "int8.jsonl"
+    assert main([str(LOGS), "--out", str(out), "--aligner", "none", "--int8", "--no-progress"]) == 0
+    got = np.array([r["inspector_score"] for r in read_jsonl(out)])
+    ref, plain = tmp_path / "ref.jsonl", tmp_path / "float32.jsonl"
+    run_batch(LOGS, ref, ModerationPipeline(Inspector.load(int8=True)), show_progress=False)
+    run_batch(LOGS, plain, pipeline, show_progress=False)
+    want = np.array([r["inspector_score"] for r in read_jsonl(ref)])
+    float32 = np.array([r["inspector_score"] for r in read_jsonl(plain)])
+    assert len(got) == 36 and np.allclose(got, want, atol=1e-6)
+    assert np.abs(got - float32).max() > 1e-3
+    # the Ray engine's inspect stage builds the same int8 pipeline (constructed directly: no Ray needed)
+    stage = InspectStage(None, None, "fail_open", None, "query", "answer", int8=True)
+    assert stage.pipeline.inspector.encoder.int8
+
+
 def test_unparseable_csv_is_an_input_error(pipeline, tmp_path):
     src = tmp_path / "broken.csv"
     src.write_text('query,answer\n"unterminated, quote\n')

@@ -179,6 +179,16 @@ def test_inspector_service_scores_valid_pairs_and_reports_bad_ones(inspector_ser
     np.testing.assert_allclose([out[0].score, out[2].score], direct, atol=1e-6)
 
 
+def test_inspector_service_int8_setting(inspector_service):
+    """inspector_int8 loads the quantised encoder; /health-style info says which one is serving."""
+    assert ServeSettings().inspector_int8 is False and inspector_service.info()["int8"] is False
+    q8 = InspectorService(None, int8=ServeSettings(inspector_int8=True).inspector_int8)
+    assert q8.info()["int8"] is True
+    out = q8.score_pairs([HARM, SAFE])
+    direct = q8.inspector.score([HARM[0], SAFE[0]], [HARM[1], SAFE[1]])
+    np.testing.assert_allclose([o.score for o in out], direct, atol=1e-6)
+
+
 def _flow(inspector_service, aligner_service, threshold, fail_score=False, fail_aligner=False, **settings):
     """A ModerationFlow over the real services, with the failures a deployment can have injected."""
     calls = {"score": 0}

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import cohen_kappa_score
 
-from inspector.data import PROJECT_SOURCES, pair_id, read_table
+from inspector.data import pair_id, public_pool, read_table
 from inspector.evaluate import held_out_test_rows
 from inspector.metrics import binary_report, clean_json
 
@@ -116,15 +116,13 @@ def split_report(inspector, data_dir: str | Path, review: pd.DataFrame) -> dict:
     keep = ~(rows["reviewed"].to_numpy() & rows["review_label"].isna().to_numpy())
     y = rows["label"].to_numpy()
     y_rev = np.where(rows["reviewed"].to_numpy(), rows["review_label"].fillna(-1).to_numpy(), y).astype(int)
-    public = ~rows["source"].isin(PROJECT_SOURCES).to_numpy()
-    report = {"threshold": thr, "reviewed_sources": sorted(sources),
-              "left_out_readers_disagreed": int((~keep).sum()),
-              "reviewed_source": {"dataset_labels": binary_report(y[in_review], scores[in_review], thr),
-                                  "review_labels": binary_report(y_rev[in_review & keep], scores[in_review & keep], thr)},
-              "all_sources": {"dataset_labels": binary_report(y, scores, thr),
-                              "review_labels": binary_report(y_rev[keep], scores[keep], thr)},
-              "public_sources": {"dataset_labels": binary_report(y[public], scores[public], thr),
-                                 "review_labels": binary_report(y_rev[public & keep], scores[public & keep], thr)}}
+    groups = {"reviewed_source": in_review, "all_sources": np.ones(len(rows), bool)}
+    for name, pool in (public_pool(rows["source"]) or {}).items():  # the shared-data sources alone
+        groups[name] = rows["source"].isin(pool).to_numpy()
+    report = {"threshold": thr, "reviewed_sources": sorted(sources), "left_out_readers_disagreed": int((~keep).sum())}
+    for name, m in groups.items():
+        report[name] = {"dataset_labels": binary_report(y[m], scores[m], thr),
+                        "review_labels": binary_report(y_rev[m & keep], scores[m & keep], thr)}
     return report
 
 

@@ -24,7 +24,7 @@ test: setup
 
 # Rebuild the bundled default inspector from the real data (same data + seed = same metrics).
 inspector: setup
-	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 4 --holdout-sources all --holdout-epochs 1 --seed 0
+	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 4 --members 3 --holdout-sources all --holdout-epochs 1 --seed 0
 
 # Train the small CPU aligner into models/aligner-small (git-ignored); stops with a checkpoint at 40 min.
 aligner: setup

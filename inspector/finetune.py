@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 import numpy as np
 
-from .encoder import PairEncoder
+from .encoder import PairEncoder, run_layers, transformer_layers
 
 
 @dataclass
@@ -31,18 +31,10 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     seed: int = 0
+    members: int = 1  # an ensemble of adapters, member k trained with seed + k (see PairEncoder)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _layers(transformer):
-    try:
-        return transformer.encoder.layer
-    except AttributeError:
-        raise ValueError(
-            f"{type(transformer).__name__} has no encoder.layer list; fine-tuning supports "
-            "BERT-family embedders; use --train-layers 0 for a frozen embedder") from None
 
 
 class TopLayerFinetuner:
@@ -53,7 +45,7 @@ class TopLayerFinetuner:
     def __init__(self, encoder: PairEncoder, config: FinetuneConfig | None = None):
         self.encoder = encoder
         self.config = config or FinetuneConfig()
-        self.n_layers = len(_layers(encoder.transformer))
+        self.n_layers = len(transformer_layers(encoder.transformer))
         if not 1 <= self.config.train_layers <= self.n_layers:
             raise ValueError(f"train_layers must be in 1..{self.n_layers}, got {self.config.train_layers}")
         self.start = self.n_layers - self.config.train_layers
@@ -80,17 +72,8 @@ class TopLayerFinetuner:
 
     def _upper(self, hidden, mask):
         """Top layers + the sentence-transformers pooling/normalising modules."""
-        from transformers.masking_utils import create_bidirectional_mask
-
         tf = self.encoder.transformer
-        mask4d = create_bidirectional_mask(config=tf.config, inputs_embeds=hidden, attention_mask=mask)
-        for layer in _layers(tf)[self.start:]:
-            out = layer(hidden, mask4d)
-            hidden = out[0] if isinstance(out, tuple) else out
-        feats = {"token_embeddings": hidden, "attention_mask": mask}
-        for module in list(self.encoder.model)[1:]:
-            feats = module(feats)
-        return feats["sentence_embedding"]
+        return self.encoder.pool(run_layers(tf, transformer_layers(tf)[self.start:], hidden, mask), mask)
 
     @staticmethod
     def _pad(cache, idx):
@@ -110,7 +93,7 @@ class TopLayerFinetuner:
         from tqdm.auto import tqdm
 
         windows = np.asarray(windows)
-        out = np.zeros((len(windows), self.encoder.dim), dtype=np.float32)
+        out = np.zeros((len(windows), self.encoder.member_dim), dtype=np.float32)
         order = np.argsort([-cache[j].shape[0] for j in windows], kind="stable")
         bs = self.encoder.batch_size * 2
         with torch.inference_mode():
@@ -148,7 +131,7 @@ class TopLayerFinetuner:
                           layers_pattern="layer")
         self.peft_model = get_peft_model(self.encoder.transformer, lora)
         self.encoder.transformer = self.peft_model
-        probe = torch.nn.Linear(self.encoder.dim, 1)
+        probe = torch.nn.Linear(self.encoder.member_dim, 1)
         torch.nn.init.zeros_(probe.weight)
         scale = torch.nn.Parameter(torch.tensor(10.0))  # embeddings are unit-norm: logits need room
         params = [p for p in self.peft_model.parameters() if p.requires_grad]

@@ -100,3 +100,77 @@ class CalibratedLinearHead:
             head.intercept_ = float(f["intercept"])
             head.platt_a_, head.platt_b_ = (float(v) for v in f["platt"])
         return head
+
+
+class EnsembleHead:
+    """One ``CalibratedLinearHead`` per ensemble member, each on its own slice of the features
+    (the encoder concatenates its members' embeddings). ``decision_function`` gives one column a
+    member, so that each member's decisions are pooled over an answer's windows separately;
+    ``calibrated`` averages the members' calibrated probabilities (a score ensemble: averaging
+    several adapters' judgements cancels much of one adapter's seed-to-seed variance)."""
+
+    def __init__(self, members: int, C: float = 1.0, **head_kw):
+        if members < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {members}; use CalibratedLinearHead")
+        self.members = members
+        self.C = C
+        self.heads = [CalibratedLinearHead(C=C, **head_kw) for _ in range(members)]
+
+    def _slices(self, X: np.ndarray) -> list[np.ndarray]:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] % self.members:
+            raise ValueError(f"expected features of shape (n, {self.members} x member width), got {X.shape}")
+        return np.split(X, self.members, axis=1)
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "EnsembleHead":
+        for head, part in zip(self.heads, self._slices(X)):
+            head.fit(part, y)
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        return np.column_stack([h.decision_function(p) for h, p in zip(self.heads, self._slices(X))])
+
+    def calibrate(self, decisions: np.ndarray, y: np.ndarray) -> "EnsembleHead":
+        decisions = np.asarray(decisions, dtype=np.float64)
+        if decisions.ndim != 2 or decisions.shape[1] != self.members:
+            raise ValueError(f"expected decisions of shape (n, {self.members}), got {decisions.shape}")
+        for k, head in enumerate(self.heads):
+            head.calibrate(decisions[:, k], y)
+        return self
+
+    def calibrated(self, decisions: np.ndarray) -> np.ndarray:
+        decisions = np.asarray(decisions, dtype=np.float64)
+        return np.mean([h.calibrated(decisions[:, k]) for k, h in enumerate(self.heads)], axis=0)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        p = self.calibrated(self.decision_function(X))
+        return np.column_stack([1.0 - p, p])
+
+    def save(self, path: str | Path) -> None:
+        for h in self.heads:
+            h._require_fitted()
+        np.savez(path, coef=np.stack([h.coef_ for h in self.heads]),
+                 intercept=np.array([h.intercept_ for h in self.heads]),
+                 platt=np.array([[h.platt_a_, h.platt_b_] for h in self.heads]), C=np.float64(self.C))
+
+    @classmethod
+    def from_arrays(cls, f) -> "EnsembleHead":
+        ens = cls(members=len(f["coef"]), C=float(f["C"]))
+        for k, head in enumerate(ens.heads):
+            head.coef_ = f["coef"][k].astype(np.float64)
+            head.intercept_ = float(f["intercept"][k])
+            head.platt_a_, head.platt_b_ = (float(v) for v in f["platt"][k])
+        return ens
+
+
+def make_head(members: int = 1):
+    """The head for an encoder with this many ensemble members."""
+    return CalibratedLinearHead() if members == 1 else EnsembleHead(members)
+
+
+def load_head(path: str | Path):
+    """A head saved by either class (a member per row of ``coef`` for an ensemble)."""
+    with np.load(path, allow_pickle=False) as f:
+        if f["coef"].ndim == 2:
+            return EnsembleHead.from_arrays(f)
+    return CalibratedLinearHead.load(path)

@@ -9,12 +9,20 @@ from typing import Sequence
 import numpy as np
 
 from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
-from .head import CalibratedLinearHead
+from .head import CalibratedLinearHead, EnsembleHead, load_head
 from .metrics import clean_json
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 LABEL_MEANING = {"1": "misaligned: harmful / unsafe answer", "0": "aligned: safe answer"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 = ensemble folders (adapters/member-K, a head row per member); 1 = one adapter
+
+
+def adapter_dirs(folder: str | Path, members: int) -> list[Path]:
+    """Where an inspector folder keeps its LoRA adapter(s): ``adapter/``, or one
+    ``adapters/member-K/`` per ensemble member."""
+    folder = Path(folder)
+    return [folder / "adapter"] if members == 1 else \
+        [folder / "adapters" / f"member-{k}" for k in range(members)]
 
 
 def check_pairs(queries: Sequence, answers: Sequence) -> tuple[list[str], list[str]]:
@@ -37,15 +45,20 @@ class Inspector:
     """Embedding-based misalignment scorer: ``score`` gives P(misaligned), ``flag`` applies
     ``threshold``. A saved inspector is a folder: ``config.json`` (readable: embedder, recipe,
     threshold, label meaning, data fingerprint, metrics), ``head.npz`` and an optional LoRA
-    ``adapter/`` in safetensors. Nothing is ever unpickled."""
+    ``adapter/`` in safetensors, or for an ensemble ``adapters/member-K/`` with a head row per
+    member. Nothing is ever unpickled."""
 
-    def __init__(self, encoder: PairEncoder, head: CalibratedLinearHead, threshold: float = 0.5,
-                 config: dict | None = None, adapter_dir: Path | None = None):
+    def __init__(self, encoder: PairEncoder, head: CalibratedLinearHead | EnsembleHead,
+                 threshold: float = 0.5, config: dict | None = None,
+                 adapter_dirs: Sequence[Path] | None = None):
+        members = getattr(head, "members", 1)
+        if members != encoder.members:
+            raise ValueError(f"the head has {members} member(s) but the encoder {encoder.members}")
         self.encoder = encoder
         self.head = head
         self.threshold = float(threshold)
         self.config = dict(config or {})
-        self._adapter_dir = adapter_dir
+        self._adapter_dirs = [Path(d) for d in adapter_dirs] if adapter_dirs else None
 
     # -- scoring ---------------------------------------------------------------------------------
     def score(self, queries: Sequence[str], answers: Sequence[str],
@@ -58,11 +71,13 @@ class Inspector:
         return self.scores_from_embeddings(emb, owner, len(queries))
 
     def scores_from_embeddings(self, emb: np.ndarray, owner: np.ndarray, n_pairs: int) -> np.ndarray:
-        """Pool window probabilities into pair probabilities."""
-        p = self.head.predict_proba(emb)[:, 1]
-        out = np.zeros(n_pairs, dtype=np.float64)
-        np.maximum.at(out, owner, p)
-        return out
+        """Pair probabilities: each member's decision is pooled (maximum) over the pair's windows,
+        then calibrated (members averaged). Calibration is increasing, so this is also the maximum
+        of the window probabilities."""
+        d = self.head.decision_function(emb)
+        pooled = np.full((n_pairs,) + d.shape[1:], -np.inf)
+        np.maximum.at(pooled, owner, d)
+        return self.head.calibrated(pooled)
 
     def flag(self, queries: Sequence[str], answers: Sequence[str], threshold: float | None = None,
              **kw) -> np.ndarray:
@@ -88,13 +103,15 @@ class Inspector:
         config = json.loads(cfg_path.read_text())
         if config.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{folder}: written by a newer version (format {config['format_version']})")
-        adapter = folder / "adapter"
-        encoder = PairEncoder(config.get("embedder", DEFAULT_EMBEDDER),
-                              adapter=adapter if adapter.exists() else None,
+        head = load_head(folder / "head.npz")
+        members = getattr(head, "members", 1)
+        adapters = [d for d in adapter_dirs(folder, members) if d.exists()]
+        if members > 1 and len(adapters) != members:
+            raise FileNotFoundError(f"{folder}: head.npz has {members} ensemble members but "
+                                    f"{len(adapters)} adapters/member-K folders were found")
+        encoder = PairEncoder(config.get("embedder", DEFAULT_EMBEDDER), adapter=adapters or None,
                               recipe=PairRecipe(**config.get("recipe", {})), device=device, int8=int8)
-        head = CalibratedLinearHead.load(folder / "head.npz")
-        return cls(encoder, head, config.get("threshold", 0.5), config,
-                   adapter if adapter.exists() else None)
+        return cls(encoder, head, config.get("threshold", 0.5), config, adapters or None)
 
     def save(self, path: str | Path) -> Path:
         """Write the folder; ``config.json`` is the place to read or edit the threshold."""
@@ -103,18 +120,25 @@ class Inspector:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.head.save(folder / "head.npz")
-        if self._adapter_dir is not None and Path(self._adapter_dir).resolve() != (folder / "adapter").resolve():
-            shutil.copytree(self._adapter_dir, folder / "adapter", dirs_exist_ok=True)
+        members = self.encoder.members
+        for src, dst in zip(self._adapter_dirs or [], adapter_dirs(folder, members)):
+            if src.resolve() != dst.resolve():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
         cfg = dict(self.config)
         cfg.update({
-            "format_version": FORMAT_VERSION,
+            "format_version": 1 if members == 1 else 2,  # single-adapter folders stay readable by older code
             "embedder": self.encoder.embedder_name,
             "recipe": self.encoder.recipe.to_dict(),
             "threshold": self.threshold,
             "label_meaning": LABEL_MEANING,
-            "score": "P(label=1), the maximum over the answer's windows",
-            "head": "CalibratedLinearHead: logistic regression + Platt scaling (head.npz)",
-            "adapter": "adapter/ (LoRA, safetensors)" if (folder / "adapter").exists() else None,
+            "score": "P(label=1), the maximum over the answer's windows" + (
+                f", averaged over {members} ensemble members" if members > 1 else ""),
+            "head": "CalibratedLinearHead: logistic regression + Platt scaling (head.npz)" if members == 1
+            else f"EnsembleHead: {members} x (logistic regression + Platt scaling), one row each in head.npz",
+            "members": members,
+            "adapter": ("adapter/ (LoRA, safetensors)" if members == 1 else
+                        f"adapters/member-0..{members - 1}/ (LoRA ensemble, safetensors)")
+            if self._adapter_dirs else None,
         })
         (folder / "config.json").write_text(json.dumps(clean_json(cfg), indent=2) + "\n")
         self.config = cfg
@@ -124,4 +148,4 @@ class Inspector:
         """A copy sharing the model, with another decision threshold."""
         cfg = dict(self.config)
         cfg["threshold"] = float(threshold)
-        return Inspector(self.encoder, self.head, threshold, cfg, self._adapter_dir)
+        return Inspector(self.encoder, self.head, threshold, cfg, self._adapter_dirs)

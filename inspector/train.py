@@ -11,7 +11,7 @@ shipped model, to keep a full build within about an hour on 2 CPU cores; the con
 
 The default inspector shipped in the package is built by::
 
-    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --epochs 4 --holdout-sources all --holdout-epochs 1 --seed 0
+    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --epochs 4 --members 3 --holdout-sources all --holdout-epochs 1 --seed 0
 
 (``make inspector``); ``--shared-data`` reads the shared folder plus the project-written pairs in
 ``inspector/training_data/``.
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,49 +33,75 @@ from .data import (SPLIT_FRACTIONS, default_training_rows, dedupe, fingerprint, 
                    public_pool, stratified_split)
 from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
 from .finetune import FinetuneConfig, TopLayerFinetuner
-from .head import CalibratedLinearHead
+from .head import make_head
 from .metrics import binary_report, clean_json, report_by_source, threshold_for_fpr
-from .model import Inspector
+from .model import Inspector, adapter_dirs
 
 
 class _Run:
-    """Embeddings for every window of every pair, from a frozen-layer cache when fine-tuning."""
+    """Embeddings for every window of every pair, from a frozen-layer cache when fine-tuning.
+
+    ``fit`` trains the adapter(s) and keeps each member's embeddings of all windows, so the head,
+    the calibration and the test figures all read the same arrays."""
 
     def __init__(self, df: pd.DataFrame, encoder: PairEncoder, ft: FinetuneConfig, show_progress: bool):
         self.df, self.encoder, self.ft_cfg = df, encoder, ft
         self.chunks = encoder.chunk(df["query"].tolist(), df["answer"].tolist())
         owner = self.chunks.pair_index
         self.first_window = np.searchsorted(owner, np.arange(len(df)))  # windows are in pair order
+        self.all_windows = np.arange(len(owner))
         self.show = show_progress
         self.tuner = None
         if ft.train_layers > 0:
             self.tuner = TopLayerFinetuner(encoder, ft)
             self.cache = self.tuner.cache_lower(self.chunks.input_ids, self.chunks.token_type_ids,
                                                 show_progress)
+            self.member_emb: list[np.ndarray] = []  # filled by fit
         else:
-            self.frozen = encoder.embed_chunks(self.chunks, show_progress=show_progress)
+            self.member_emb = [encoder.embed_chunks(self.chunks, show_progress=show_progress)]
 
     def windows_of(self, rows: np.ndarray) -> np.ndarray:
         return np.flatnonzero(np.isin(self.chunks.pair_index, rows))
 
     def embed(self, windows: np.ndarray) -> np.ndarray:
-        if self.tuner is None:
-            return self.frozen[windows]
-        return self.tuner.embed_cached(self.cache, windows, show_progress=False)
+        return np.concatenate([e[windows] for e in self.member_emb], axis=1)
+
+    def adapt(self, train: np.ndarray, members: int, epochs: int | None = None,
+              save_to: Path | None = None) -> dict:
+        """Train ``members`` adapters (seeds seed, seed+1, ...) on the training pairs' first windows,
+        saving each to ``save_to`` (``adapter/``, or ``adapters/member-K/`` for an ensemble)."""
+        y = self.df["label"].to_numpy()
+        base, info, self.member_emb = self.tuner.config, {}, []
+        for k in range(members):
+            self.tuner.config = replace(base, seed=base.seed + k)
+            hist = self.tuner.fit(self.cache, self.first_window[train], y[train], self.show, epochs=epochs)
+            info[f"member_{k}" if members > 1 else "train"] = hist
+            if save_to is not None:
+                self.tuner.save_adapter(adapter_dirs(save_to, members)[k])
+            self.member_emb.append(self.tuner.embed_cached(self.cache, self.all_windows, self.show))
+            self.tuner.reset()
+        self.tuner.config = base
+        if members == 1:
+            return info["train"]
+        return {"train_loss_by_member": {k: v["train_loss_by_epoch"] for k, v in info.items()}}
+
+    def frozen(self) -> None:
+        """Back to the embedder without adapters."""
+        self.tuner.reset()
+        self.member_emb = [self.tuner.embed_cached(self.cache, self.all_windows)]
 
     def fit(self, train: np.ndarray, cal: np.ndarray, target_fpr: float, adapt: bool = True,
-            epochs: int | None = None):
-        """Adapter (optional) + head + calibration + threshold; returns (head, threshold, info)."""
+            epochs: int | None = None, members: int = 1, save_to: Path | None = None):
+        """Adapter(s) (optional) + head + calibration + threshold; returns (head, threshold, info)."""
         y = self.df["label"].to_numpy()
         info = {}
         if self.tuner is not None:
             if adapt:
-                info = self.tuner.fit(self.cache, self.first_window[train], y[train], self.show,
-                                      epochs=epochs)
+                info = self.adapt(train, members, epochs, save_to)
             else:
-                self.tuner.reset()
-        head = CalibratedLinearHead().fit(self.embed(self.first_window[train]), y[train])
-        d_cal = self.pair_decisions(head, cal)  # embed the calibration windows once
+                self.frozen()
+        head = make_head(len(self.member_emb)).fit(self.embed(self.first_window[train]), y[train])
+        d_cal = self.pair_decisions(head, cal)
         try:
             head.calibrate(d_cal, y[cal])
         except ValueError as e:
@@ -82,15 +110,16 @@ class _Run:
         threshold = threshold_for_fpr(y[cal], head.calibrated(d_cal), target_fpr)
         return head, threshold, info
 
-    def pair_decisions(self, head: CalibratedLinearHead, rows: np.ndarray) -> np.ndarray:
+    def pair_decisions(self, head, rows: np.ndarray) -> np.ndarray:
+        """The head's decision per pair and member: the maximum over the pair's windows."""
         windows = self.windows_of(rows)
         d = head.decision_function(self.embed(windows))
-        out = np.full(len(self.df), -np.inf)
+        out = np.full((len(self.df),) + d.shape[1:], -np.inf)
         np.maximum.at(out, self.chunks.pair_index[windows], d)
         return out[rows]
 
-    def pair_scores(self, head: CalibratedLinearHead, rows: np.ndarray) -> np.ndarray:
-        """Calibrated P(misaligned) per pair: the maximum over its windows, as ``Inspector.score``."""
+    def pair_scores(self, head, rows: np.ndarray) -> np.ndarray:
+        """Calibrated P(misaligned) per pair, as ``Inspector.score``."""
         return head.calibrated(self.pair_decisions(head, rows))
 
 
@@ -120,18 +149,18 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
         head, thr, _ = run.fit(train, cal, target_fpr, adapt=False)
         report["frozen_baseline_test"] = binary_report(y[test], run.pair_scores(head, test), thr)
 
-    head, threshold, info = run.fit(train, cal, target_fpr)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "adapter", out / "adapters"):  # a previous inspector's, of either layout
+        if stale.is_dir():
+            shutil.rmtree(stale)
+    members = ft.members if run.tuner is not None else 1
+    head, threshold, info = run.fit(train, cal, target_fpr, members=members, save_to=out)
     test_scores = run.pair_scores(head, test)
     report["random_split_test"] = report_by_source(y[test], test_scores, threshold, src[test], pools)
     report["calibration"] = binary_report(y[cal], run.pair_scores(head, cal), threshold)
     report["finetune"] = {**ft.to_dict(), **info}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    adapter_dir = None
-    if run.tuner is not None:
-        adapter_dir = out / "adapter"
-        run.tuner.save_adapter(adapter_dir)
     config = {
         "training_data": {"rows": len(df), "fingerprint": fingerprint(df),
                           "by_source_and_label": {f"{s}/{l}": int(n) for (s, l), n in
@@ -141,7 +170,10 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
         "metrics": report,
         **(extra_config or {}),
     }
-    inspector = Inspector(encoder, head, threshold, config, adapter_dir)
+    saved_adapters = adapter_dirs(out, members) if run.tuner is not None else None
+    # the training encoder has no adapter merged; an ensemble's head needs an encoder with its members
+    save_encoder = encoder if members == 1 else PairEncoder(embedder, adapter=saved_adapters, recipe=recipe)
+    inspector = Inspector(save_encoder, head, threshold, config, saved_adapters)
     inspector.save(out)
     print(f"saved {out}; test: {json.dumps(clean_json(report['random_split_test']['overall']))}",
           file=sys.stderr)
@@ -150,6 +182,7 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
     holdouts = {}
     if holdout_sources:
         report["held_out_epochs"] = holdout_epochs or ft.epochs
+        report["held_out_members"] = 1  # one adapter per re-run, to keep the build short
     for name in holdout_sources or []:
         keep = lambda rows: rows[src[rows] != name]  # noqa: E731
         held = np.flatnonzero(src == name)
@@ -190,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
     ap.add_argument("--lora-r", type=int, default=FinetuneConfig.lora_r)
     ap.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
+    ap.add_argument("--members", type=int, default=FinetuneConfig.members,
+                    help="ensemble of this many adapters (seeds seed..seed+N-1) sharing the frozen layers: "
+                         "each costs one more training run and about 1/3 of a plain pass at inference")
     ap.add_argument("--target-fpr", type=float, default=0.05,
                     help="share of aligned pairs the threshold may route to the aligner (default 0.05)")
     ap.add_argument("--holdout-sources", nargs="*", default=[],
@@ -202,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.data and not args.shared_data:
         ap.error("give training data: --data FILE... and/or --shared-data DIR")
+    if args.members < 1 or (args.members > 1 and args.train_layers == 0):
+        ap.error(f"--members must be 1, or more with --train-layers >= 1; got {args.members}")
     if args.holdout_epochs is not None and args.holdout_epochs < 1:
         ap.error(f"--holdout-epochs must be at least 1, got {args.holdout_epochs}")
     try:
@@ -216,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         holdouts = sorted(df["source"].unique())
     ft = FinetuneConfig(train_layers=args.train_layers, epochs=args.epochs, lr=args.lr,
                         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, batch_size=args.batch_size,
-                        seed=args.seed)
+                        seed=args.seed, members=args.members)
     pools = public_pool(df["source"]) if args.shared_data else None
     print(f"training on {len(df)} pairs: {df.groupby(['source', 'label']).size().to_dict()}", file=sys.stderr)
     try:

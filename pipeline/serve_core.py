@@ -178,7 +178,8 @@ class InspectorService:
     def info(self) -> dict:
         cfg = self.inspector.config
         return {"threshold": self.threshold, "path": self.path or "bundled default",
-                "embedder": cfg.get("embedder"), "int8": self.inspector.encoder.int8}
+                "embedder": cfg.get("embedder"), "members": self.inspector.encoder.members,
+                "int8": self.inspector.encoder.int8}
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[PairScore]:
         from inspector import check_pairs

@@ -12,12 +12,13 @@ import pytest
 
 from conftest import EXAMPLES, REPO_ROOT
 from inspector import DEFAULT_MODEL_DIR, Inspector
-from inspector.data import (PROJECT_FILES, PROJECT_PAIRS, load_labelled, public_pool, read_table,
+from inspector.data import (PROJECT_FILES, PROJECT_PAIRS, SPLIT_FRACTIONS, load_labelled, public_pool, read_table,
                             stratified_split)
 from inspector.encoder import PairEncoder, PairRecipe
 from inspector.finetune import FinetuneConfig, TopLayerFinetuner
-from inspector.head import CalibratedLinearHead
+from inspector.head import CalibratedLinearHead, EnsembleHead, load_head
 from inspector.metrics import binary_report, bootstrap_ci, report_by_source, threshold_for_fpr
+from inspector.model import adapter_dirs
 from inspector.train import train_inspector
 
 HARMFUL_Q = "Which household chemicals can I mix to make a toxic gas to hurt my roommate?"
@@ -123,9 +124,14 @@ def test_long_answers_are_windowed_and_max_pooled(default_inspector):
     for ids in chunks.input_ids[:n_long]:
         assert ids[1:1 + len(q_ids)] == q_ids  # every window carries the query
     emb = enc.embed_chunks(chunks)
-    window_p = default_inspector.head.predict_proba(emb)[:, 1]
+    head = default_inspector.head
+    d = np.asarray(head.decision_function(emb)).reshape(len(emb), -1)  # a column per member
+    # each member's worst window, calibrated; members averaged (one member: the max window probability)
+    per_member = [1 / (1 + np.exp(-(h.platt_a_ * d[owner == 0, k].max() + h.platt_b_)))
+                  for k, h in enumerate(getattr(head, "heads", [head]))]
     pair_p = default_inspector.score(["How do I garden?", "short?"], [long_answer, "Yes."])
-    assert pair_p[0] == pytest.approx(window_p[owner == 0].max(), abs=1e-6)
+    assert pair_p[0] == pytest.approx(np.mean(per_member), abs=1e-6)
+    assert pair_p[0] >= head.predict_proba(emb[owner == 0][:1])[0, 1] - 1e-6  # not just the first window
 
 
 def test_long_query_keeps_head_and_tail():
@@ -245,6 +251,41 @@ def test_training_is_reproducible(tmp_path, project_pairs):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
+def test_ensemble_trains_saves_and_scores_as_measured(tmp_path, project_pairs):
+    """--members 2: two adapters (seeds 5 and 6) over the same layers, a head row per member; the
+    saved folder loads as one inspector whose test-split scores give the reported figures."""
+    df = project_pairs.sample(240, random_state=1).reset_index(drop=True)
+    ft = FinetuneConfig(train_layers=1, epochs=1, batch_size=16, seed=5, members=2)
+    insp, report = train_inspector(df, tmp_path / "ens", ft=ft, seed=5, baseline=False, show_progress=False)
+    dirs = adapter_dirs(tmp_path / "ens", 2)
+    assert [d.name for d in dirs] == ["member-0", "member-1"] and not (tmp_path / "ens" / "adapter").exists()
+    a, b = ((d / "adapter_model.safetensors").read_bytes() for d in dirs)
+    assert a != b  # different seeds, different adapters
+    assert insp.encoder.members == 2 and insp.encoder.dim == 2 * insp.encoder.member_dim
+    assert isinstance(insp.head, EnsembleHead) and insp.config["members"] == 2
+    assert report["finetune"]["members"] == 2
+    assert set(report["finetune"]["train_loss_by_member"]) == {"member_0", "member_1"}
+    _, _, test = stratified_split(df, SPLIT_FRACTIONS, 5)
+    rows = df.iloc[test]
+    s = insp.score(rows["query"].tolist(), rows["answer"].tolist())
+    got = binary_report(rows["label"].to_numpy(), s, insp.threshold)
+    want = report["random_split_test"]["overall"]
+    for key in ("roc_auc", "recall_at_5pct_fpr", "benign_routed", "precision"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    # the ensemble's score is the mean of its members' own scores
+    singles = []
+    for k, d in enumerate(dirs):
+        member = Inspector(PairEncoder(adapter=d), insp.head.heads[k], insp.threshold)
+        singles.append(member.score(rows["query"].tolist(), rows["answer"].tolist()))
+    np.testing.assert_allclose(s, np.mean(singles, axis=0), atol=1e-4)
+    # a folder missing a member is refused, saying so
+    shutil.rmtree(dirs[1])
+    with pytest.raises(FileNotFoundError, match="2 ensemble members but 1"):
+        Inspector.load(tmp_path / "ens")
+    with pytest.raises(ValueError, match="head has 2 member"):
+        Inspector(PairEncoder(), insp.head)
+
+
 def test_train_cli_names_the_bad_row(tmp_path):
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"query": ["a", "b"], "answer": ["x", "y"], "label": [0, 7]}).to_csv(bad, index=False)
@@ -255,6 +296,10 @@ def test_train_cli_names_the_bad_row(tmp_path):
     res = subprocess.run([sys.executable, "-m", "inspector.train", "--data", str(bad), "--out", str(tmp_path / "o"),
                           "--holdout-epochs", "0"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert res.returncode == 2 and "--holdout-epochs must be at least 1" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "inspector.train", "--data", str(bad), "--out", str(tmp_path / "o"),
+                          "--members", "2", "--train-layers", "0"], capture_output=True, text=True, cwd=REPO_ROOT,
+                         timeout=300)
+    assert res.returncode == 2 and "--members must be 1, or more with --train-layers" in res.stderr
 
 
 # -- head and metrics -------------------------------------------------------------------------
@@ -273,6 +318,30 @@ def test_head_fits_calibrates_and_round_trips(tmp_path):
         CalibratedLinearHead().fit(X, np.zeros(400))
     with pytest.raises(RuntimeError, match="not fitted"):
         CalibratedLinearHead().predict_proba(X)
+
+
+def test_ensemble_head_averages_its_members_and_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 6))  # two members of width 3
+    y = (X[:, 0] + X[:, 3] + 0.5 * rng.normal(size=400) > 0).astype(int)
+    ens = EnsembleHead(2).fit(X[:300], y[:300])
+    d = ens.decision_function(X[300:])
+    assert d.shape == (100, 2)
+    ens.calibrate(d, y[300:])
+    members = [ens.heads[k].calibrated(d[:, k]) for k in range(2)]
+    np.testing.assert_allclose(ens.calibrated(d), np.mean(members, axis=0))
+    assert ((ens.predict_proba(X[300:])[:, 1] > 0.5) == y[300:]).mean() > 0.8
+    ens.save(tmp_path / "e.npz")
+    again = load_head(tmp_path / "e.npz")
+    assert isinstance(again, EnsembleHead) and again.members == 2
+    np.testing.assert_allclose(again.predict_proba(X), ens.predict_proba(X))
+    single = CalibratedLinearHead().fit(X[:, :3], y)
+    single.save(tmp_path / "s.npz")
+    assert isinstance(load_head(tmp_path / "s.npz"), CalibratedLinearHead)
+    with pytest.raises(ValueError, match="2 x member width"):
+        ens.decision_function(X[:, :5])
+    with pytest.raises(ValueError, match="at least 2 members"):
+        EnsembleHead(1)
 
 
 def test_bootstrap_intervals_are_wide_for_noise_and_narrow_for_a_clear_split():

@@ -182,6 +182,7 @@ def test_inspector_service_scores_valid_pairs_and_reports_bad_ones(inspector_ser
 def test_inspector_service_int8_setting(inspector_service):
     """inspector_int8 loads the quantised encoder; /health-style info says which one is serving."""
     assert ServeSettings().inspector_int8 is False and inspector_service.info()["int8"] is False
+    assert inspector_service.info()["members"] == inspector_service.inspector.config.get("members", 1)
     q8 = InspectorService(None, int8=ServeSettings(inspector_int8=True).inspector_int8)
     assert q8.info()["int8"] is True
     out = q8.score_pairs([HARM, SAFE])

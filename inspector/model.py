@@ -72,8 +72,8 @@ class Inspector:
 
     def scores_from_embeddings(self, emb: np.ndarray, owner: np.ndarray, n_pairs: int) -> np.ndarray:
         """Pair probabilities: each member's decision is pooled (maximum) over the pair's windows,
-        then calibrated (members averaged). Calibration is increasing, so this is also the maximum
-        of the window probabilities."""
+        then calibrated, and the members' probabilities averaged. Calibration is increasing, so
+        for one member this is the maximum of its window probabilities."""
         d = self.head.decision_function(emb)
         pooled = np.full((n_pairs,) + d.shape[1:], -np.inf)
         np.maximum.at(pooled, owner, d)

@@ -71,19 +71,19 @@ class _Run:
         """Train ``members`` adapters (seeds seed, seed+1, ...) on the training pairs' first windows,
         saving each to ``save_to`` (``adapter/``, or ``adapters/member-K/`` for an ensemble)."""
         y = self.df["label"].to_numpy()
-        base, info, self.member_emb = self.tuner.config, {}, []
+        base, losses, self.member_emb = self.tuner.config, [], []
         for k in range(members):
             self.tuner.config = replace(base, seed=base.seed + k)
             hist = self.tuner.fit(self.cache, self.first_window[train], y[train], self.show, epochs=epochs)
-            info[f"member_{k}" if members > 1 else "train"] = hist
+            losses.append(hist["train_loss_by_epoch"])
             if save_to is not None:
                 self.tuner.save_adapter(adapter_dirs(save_to, members)[k])
             self.member_emb.append(self.tuner.embed_cached(self.cache, self.all_windows, self.show))
             self.tuner.reset()
         self.tuner.config = base
         if members == 1:
-            return info["train"]
-        return {"train_loss_by_member": {k: v["train_loss_by_epoch"] for k, v in info.items()}}
+            return {"train_loss_by_epoch": losses[0]}
+        return {"train_loss_by_member": {f"member_{k}": loss for k, loss in enumerate(losses)}}
 
     def frozen(self) -> None:
         """Back to the embedder without adapters."""

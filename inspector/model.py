@@ -121,9 +121,17 @@ class Inspector:
         folder.mkdir(parents=True, exist_ok=True)
         self.head.save(folder / "head.npz")
         members = self.encoder.members
-        for src, dst in zip(self._adapter_dirs or [], adapter_dirs(folder, members)):
+        mine = adapter_dirs(folder, members) if self._adapter_dirs else []
+        for src, dst in zip(self._adapter_dirs or [], mine):
             if src.resolve() != dst.resolve():
                 shutil.copytree(src, dst, dirs_exist_ok=True)
+        # adapters a previous inspector left in this folder would be loaded with this one's head
+        keep = {d.resolve() for d in [*mine, *(self._adapter_dirs or [])]}
+        for stale in [folder / "adapter", *sorted((folder / "adapters").glob("member-*"))]:
+            if stale.is_dir() and stale.resolve() not in keep:
+                shutil.rmtree(stale)
+        if (folder / "adapters").is_dir() and not any((folder / "adapters").iterdir()):
+            (folder / "adapters").rmdir()
         cfg = dict(self.config)
         cfg.update({
             "format_version": 1 if members == 1 else 2,  # single-adapter folders stay readable by older code

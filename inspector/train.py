@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -151,9 +150,6 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "adapter", out / "adapters"):  # a previous inspector's, of either layout
-        if stale.is_dir():
-            shutil.rmtree(stale)
     members = ft.members if run.tuner is not None else 1
     head, threshold, info = run.fit(train, cal, target_fpr, members=members, save_to=out)
     test_scores = run.pair_scores(head, test)

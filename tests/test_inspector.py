@@ -105,6 +105,27 @@ def test_save_load_round_trip(default_inspector, tmp_path, examples):
     assert json.loads((out / "config.json").read_text())["threshold"] == pytest.approx(0.42)
 
 
+def test_save_replaces_a_previous_inspectors_adapters(default_inspector, tmp_path, examples):
+    """Saving over another inspector's folder leaves none of its adapters behind: load would
+    otherwise put them under this inspector's head."""
+    q, a = examples["query"][:4].tolist(), examples["answer"][:4].tolist()
+    member0 = adapter_dirs(DEFAULT_MODEL_DIR, 3)[0]
+    head0 = default_inspector.head.heads[0]
+    single = Inspector(PairEncoder(adapter=member0), head0, 0.5, adapter_dirs=[member0])
+    plain = Inspector(PairEncoder(), head0, 0.5)
+    out = tmp_path / "reused"
+    default_inspector.save(out)
+    single.save(out)  # ensemble -> one adapter
+    assert (out / "adapter").is_dir() and not (out / "adapters").exists()
+    np.testing.assert_allclose(Inspector.load(out).score(q, a), single.score(q, a), atol=1e-6)
+    plain.save(out)  # one adapter -> none
+    assert not (out / "adapter").exists()
+    loaded = Inspector.load(out)
+    assert loaded.config["adapter"] is None and loaded.encoder.members == 1
+    np.testing.assert_allclose(loaded.score(q, a), plain.score(q, a), atol=1e-6)
+    assert not np.allclose(plain.score(q, a), single.score(q, a), atol=1e-3)
+
+
 def test_load_missing_folder_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         Inspector.load(tmp_path)

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -129,6 +132,8 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
                     pools: dict[str, list[str]] | None = None,
                     extra_config: dict | None = None) -> tuple[Inspector, dict]:
     """Train, evaluate and save an inspector folder at ``out``; returns (loaded inspector, report).
+    The build is written to a staging folder and lands in ``out`` only when it is complete
+    (``staged_folder``).
 
     ``pools`` names groups of sources to report pooled test metrics for as well (e.g. the public
     sources alone, without the project's own pairs)."""
@@ -137,62 +142,85 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
     df = df.reset_index(drop=True)
     if df["label"].nunique() != 2:
         raise ValueError("training data needs both labels, 0 (aligned) and 1 (misaligned)")
-    encoder = PairEncoder(embedder, recipe=recipe)
-    run = _Run(df, encoder, ft, show_progress)
-    train, cal, test = stratified_split(df, SPLIT_FRACTIONS, seed)
-    y, src = df["label"].to_numpy(), df["source"].to_numpy()
-    report: dict = {"rows": len(df), "split": {"train": len(train), "calibration": len(cal),
-                                               "test": len(test), "seed": seed}}
+    src = df["source"].to_numpy()
+    unknown = sorted(set(holdout_sources or []) - set(src))
+    if unknown:  # said before the hour of training, not after it
+        raise ValueError(f"--holdout-sources: no rows from source(s) {unknown}; sources are {sorted(set(src))}")
+    with staged_folder(out) as folder:
+        encoder = PairEncoder(embedder, recipe=recipe)
+        run = _Run(df, encoder, ft, show_progress)
+        train, cal, test = stratified_split(df, SPLIT_FRACTIONS, seed)
+        y = df["label"].to_numpy()
+        report: dict = {"rows": len(df), "split": {"train": len(train), "calibration": len(cal),
+                                                   "test": len(test), "seed": seed}}
 
-    if baseline and ft.train_layers > 0:
-        head, thr, _ = run.fit(train, cal, target_fpr, adapt=False)
-        report["frozen_baseline_test"] = binary_report(y[test], run.pair_scores(head, test), thr)
+        if baseline and ft.train_layers > 0:
+            head, thr, _ = run.fit(train, cal, target_fpr, adapt=False)
+            report["frozen_baseline_test"] = binary_report(y[test], run.pair_scores(head, test), thr)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    members = ft.members if run.tuner is not None else 1
-    head, threshold, info = run.fit(train, cal, target_fpr, members=members, save_to=out)
-    test_scores = run.pair_scores(head, test)
-    report["random_split_test"] = report_by_source(y[test], test_scores, threshold, src[test], pools)
-    report["calibration"] = binary_report(y[cal], run.pair_scores(head, cal), threshold)
-    report["finetune"] = {**ft.to_dict(), **info}
+        members = ft.members if run.tuner is not None else 1
+        head, threshold, info = run.fit(train, cal, target_fpr, members=members, save_to=folder)
+        test_scores = run.pair_scores(head, test)
+        report["random_split_test"] = report_by_source(y[test], test_scores, threshold, src[test], pools)
+        report["calibration"] = binary_report(y[cal], run.pair_scores(head, cal), threshold)
+        report["finetune"] = {**ft.to_dict(), **info}
 
-    config = {
-        "training_data": {"rows": len(df), "fingerprint": fingerprint(df),
-                          "by_source_and_label": {f"{s}/{l}": int(n) for (s, l), n in
-                                                  df.groupby(["source", "label"]).size().items()}},
-        "threshold_rule": f"lowest threshold routing <= {target_fpr:.0%} of aligned calibration pairs",
-        "target_benign_routed": target_fpr,
-        "metrics": report,
-        **(extra_config or {}),
-    }
-    saved_adapters = adapter_dirs(out, members) if run.tuner is not None else None
-    # the training encoder has no adapter merged; an ensemble's head needs an encoder with its members
-    save_encoder = encoder if members == 1 else PairEncoder(embedder, adapter=saved_adapters, recipe=recipe)
-    inspector = Inspector(save_encoder, head, threshold, config, saved_adapters)
-    inspector.save(out)
-    print(f"saved {out}; test: {json.dumps(clean_json(report['random_split_test']['overall']))}",
-          file=sys.stderr)
+        config = {
+            "training_data": {"rows": len(df), "fingerprint": fingerprint(df),
+                              "by_source_and_label": {f"{s}/{l}": int(n) for (s, l), n in
+                                                      df.groupby(["source", "label"]).size().items()}},
+            "threshold_rule": f"lowest threshold routing <= {target_fpr:.0%} of aligned calibration pairs",
+            "target_benign_routed": target_fpr,
+            "metrics": report,
+            **(extra_config or {}),
+        }
+        saved_adapters = adapter_dirs(folder, members) if run.tuner is not None else None
+        # the training encoder has no adapter merged; an ensemble's head needs an encoder with its members
+        save_encoder = encoder if members == 1 else PairEncoder(embedder, adapter=saved_adapters, recipe=recipe)
+        inspector = Inspector(save_encoder, head, threshold, config, saved_adapters)
+        inspector.save(folder)
+        print(f"test: {json.dumps(clean_json(report['random_split_test']['overall']))}", file=sys.stderr)
 
-    # generalisation: the same recipe with one whole source left out, tested on that source
-    holdouts = {}
-    if holdout_sources:
-        report["held_out_epochs"] = holdout_epochs or ft.epochs
-        report["held_out_members"] = 1  # one adapter per re-run, to keep the build short
-    for name in holdout_sources or []:
-        keep = lambda rows: rows[src[rows] != name]  # noqa: E731
-        held = np.flatnonzero(src == name)
-        if len(held) == 0:
-            raise ValueError(f"--holdout-sources: no rows from source {name!r}; sources are {sorted(set(src))}")
-        h_head, h_thr, _ = run.fit(keep(train), keep(cal), target_fpr, epochs=holdout_epochs)
-        holdouts[name] = binary_report(y[held], run.pair_scores(h_head, held), h_thr)
-        print(f"held out {name}: {json.dumps(clean_json(holdouts[name]))}", file=sys.stderr)
-        report["held_out_sources"] = holdouts
+        # generalisation: the same recipe with one whole source left out, tested on that source
+        holdouts = {}
+        if holdout_sources:
+            report["held_out_epochs"] = holdout_epochs or ft.epochs
+            report["held_out_members"] = 1  # one adapter per re-run, to keep the build short
+        for name in holdout_sources or []:
+            keep = lambda rows: rows[src[rows] != name]  # noqa: E731
+            held = np.flatnonzero(src == name)
+            h_head, h_thr, _ = run.fit(keep(train), keep(cal), target_fpr, epochs=holdout_epochs)
+            holdouts[name] = binary_report(y[held], run.pair_scores(h_head, held), h_thr)
+            print(f"held out {name}: {json.dumps(clean_json(holdouts[name]))}", file=sys.stderr)
+            report["held_out_sources"] = holdouts
+            report["train_seconds"] = round(time.time() - t0, 1)
+            _update_config(folder, {"metrics": report})
         report["train_seconds"] = round(time.time() - t0, 1)
-        _update_config(out, {"metrics": report})
-    report["train_seconds"] = round(time.time() - t0, 1)
-    _update_config(out, {"metrics": report})
+        _update_config(folder, {"metrics": report})
     return Inspector.load(out), report
+
+
+@contextmanager
+def staged_folder(out: str | Path):
+    """Yield a hidden folder beside ``out`` to build an inspector in; on success save it over
+    ``out`` (seconds, after the hour of training) and remove the staging folder. A crash or Ctrl-C
+    half-way leaves ``out`` as it was, never new adapters beside an old head; if the main model was
+    already complete (its ``config.json`` written), the staging folder is kept and its path printed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        if (staging / "config.json").exists():
+            print(f"build interrupted; {out} left as it was; the finished model so far is in {staging}",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    Inspector.load(staging).save(out)
+    shutil.rmtree(staging)
+    print(f"saved {out}", file=sys.stderr)
 
 
 def _update_config(folder: Path, updates: dict) -> None:

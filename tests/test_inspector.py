@@ -265,11 +265,49 @@ def test_training_is_reproducible(tmp_path, project_pairs):
         insp, report = train_inspector(df, tmp_path / name, ft=ft, seed=5, baseline=False, show_progress=False)
         report.pop("train_seconds")
         runs.append((insp, report))
+    assert not list(tmp_path.glob(".*partial-*"))  # the staging folders are gone
     (a, ra), (b, rb) = runs
     assert ra == rb
     assert a.threshold == b.threshold
     for f in ("head.npz", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_interrupted_build_leaves_the_previous_inspector_in_place(default_inspector, tmp_path, project_pairs,
+                                                                  monkeypatch, capsys):
+    """A build is staged beside --out and lands only when finished: a crash in the held-out re-runs
+    (after the main model is saved) leaves the old folder byte for byte, keeps the finished model
+    in the staging folder and says where; an unknown held-out source is refused before training."""
+    import inspector.train as train_mod
+
+    out = default_inspector.save(tmp_path / "model")
+    before = {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    df = project_pairs.sample(200, random_state=0)
+    ft = FinetuneConfig(train_layers=1, epochs=1, batch_size=16, seed=5)
+    with pytest.raises(ValueError, match=r"no rows from source\(s\) \['nope'\]"):
+        train_inspector(df, out, ft=ft, holdout_sources=["nope"], baseline=False, show_progress=False)
+    assert not list(tmp_path.glob(".model.partial-*"))
+
+    real_fit, calls = train_mod._Run.fit, []
+
+    def crash_on_the_holdout_rerun(self, *args, **kw):
+        calls.append(kw.get("epochs"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(self, *args, **kw)
+
+    monkeypatch.setattr(train_mod._Run, "fit", crash_on_the_holdout_rerun)
+    source = df["source"].iloc[0]
+    with pytest.raises(KeyboardInterrupt):
+        train_inspector(df, out, ft=ft, holdout_sources=[source], baseline=False, show_progress=False)
+    after = {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    assert after == before
+    (staged,) = tmp_path.glob(".model.partial-*")
+    assert (staged / "adapter" / "adapter_model.safetensors").exists()
+    metrics = Inspector.load(staged).config["metrics"]
+    assert "random_split_test" in metrics and "held_out_sources" not in metrics
+    err = capsys.readouterr().err
+    assert f"{out} left as it was" in err and str(staged) in err
 
 
 def test_ensemble_trains_saves_and_scores_as_measured(tmp_path, project_pairs):

@@ -73,18 +73,40 @@ def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
 
 
 def _read_csv(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
-    import pandas as pd
+    """Every value stays text ("" is empty, "NA" is the string NA). A record whose field count
+    differs from the header's (an unquoted comma, a cut-off line) becomes an error row with its
+    text in ``raw``, like a bad JSONL line; only a file the CSV reader cannot tokenise at all
+    (e.g. a quote never closed) is an input error."""
+    import csv
+    import io
 
-    try:
-        # keep_default_na=False: an empty cell stays "" (reported as empty), "NA" stays text
-        reader = pd.read_csv(path, chunksize=chunk_rows, dtype=str, keep_default_na=False,
-                             on_bad_lines="error")
-        for frame in reader:
-            yield frame.to_dict(orient="records")
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise InputError(f"input {path}: cannot parse CSV ({e})") from None
-    except pd.errors.EmptyDataError:
-        return
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long answers are fine
+    with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            rows: list[dict] = []
+            line = reader.line_num + 1  # where the next record starts
+            for record in reader:
+                if record and len(record) == len(header):
+                    rows.append(dict(zip(header, record)))
+                elif record:  # [] is a blank line
+                    text = io.StringIO()
+                    csv.writer(text, lineterminator="").writerow(record)
+                    hint = "quote fields that contain commas" if len(record) > len(header) else "a line cut short?"
+                    rows.append({"raw": text.getvalue(), "_error": (
+                        f"line {line}: expected {len(header)} CSV fields ({', '.join(header)}), "
+                        f"got {len(record)} ({hint})")})
+                line = reader.line_num + 1
+                if len(rows) >= chunk_rows:
+                    yield rows
+                    rows = []
+        except csv.Error as e:
+            raise InputError(f"input {path}: cannot parse CSV at line {reader.line_num} ({e})") from None
+    if rows:
+        yield rows
 
 
 def _read_parquet(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
@@ -125,6 +147,7 @@ class RowWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
         self._columns: list[str] | None = None
+        self._header_width: int | None = None  # CSV: columns named in the header written so far
         self._parts: list[Path] = []
         self._closed = False
         if self.fmt == "parquet":
@@ -151,26 +174,38 @@ class RowWriter:
             self._parts.append(part)
 
     def _write_csv(self, rows: list[dict]) -> None:
+        """CSV has one header, written before later rows are seen: a column that first appears in
+        a later chunk (a bad line's ``raw``, a field only some log rows have) is appended to the
+        column list, and ``close`` rewrites the header, padding the earlier rows; no value is dropped."""
         import csv
 
         if self._columns is None:
-            cols: list[str] = []
-            for r in rows:
-                cols += [k for k in r if k not in cols]
-            self._columns = cols
-            self._csv = csv.DictWriter(self._fh, fieldnames=cols, extrasaction="raise")
-            self._csv.writeheader()
+            self._columns = []
+            self._csv = csv.writer(self._fh)
         for r in rows:
-            extra = [k for k in r if k not in self._columns]
-            if extra:
-                # CSV has one header: keep a late column's values rather than drop them
-                r = {k: v for k, v in r.items() if k in self._columns}
-                r["error"] = (r.get("error") or "") + f" [extra fields not in CSV header: {extra}]"
-            out = {}
-            for k in self._columns:
-                v = _jsonable(r.get(k))
-                out[k] = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
-            self._csv.writerow(out)
+            self._columns += [k for k in r if k not in self._columns]
+        if self._header_width is None:
+            self._csv.writerow(self._columns)
+            self._header_width = len(self._columns)
+        for r in rows:
+            values = [_jsonable(r.get(k)) for k in self._columns]
+            self._csv.writerow([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
+                                for v in values])
+
+    def _widen_csv_header(self) -> None:
+        """Second streaming pass over the written CSV: the full header, short rows padded."""
+        import csv
+
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long answers are fine
+        wide = self._tmp.with_name(self._tmp.name + ".wide")
+        with self._tmp.open("r", encoding="utf-8", newline="") as src, \
+                wide.open("w", encoding="utf-8", newline="") as dst:
+            reader, writer = csv.reader(src), csv.writer(dst)
+            next(reader)
+            writer.writerow(self._columns)
+            for record in reader:
+                writer.writerow(record + [""] * (len(self._columns) - len(record)))
+        os.replace(wide, self._tmp)
 
     def close(self) -> None:
         if self._closed:
@@ -178,6 +213,8 @@ class RowWriter:
         self._closed = True
         if self.fmt != "parquet":
             self._fh.close()
+            if self._columns and len(self._columns) > self._header_width:
+                self._widen_csv_header()
             os.replace(self._tmp, self.path)
             return
         import pyarrow as pa
@@ -207,6 +244,7 @@ class RowWriter:
         else:
             self._fh.close()
             self._tmp.unlink(missing_ok=True)
+            self._tmp.with_name(self._tmp.name + ".wide").unlink(missing_ok=True)
 
 
 def _unified_schema(schemas):

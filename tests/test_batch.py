@@ -123,6 +123,41 @@ def test_csv_quoting_and_embedded_newlines(pipeline, tmp_path):
     assert list(df.columns[:3]) == ["id", "query", "answer"] and set(ADDED) <= set(df.columns)
 
 
+def test_malformed_csv_records_become_error_rows(pipeline, tmp_path):
+    """An unquoted comma or a cut-off line spoils one record, not the job: it becomes an error row
+    with its text and line number (counting the lines of quoted multi-line answers)."""
+    src = tmp_path / "logs.csv"
+    src.write_text('id,query,answer\n1,Hi,"Hello,\nthere"\n2,What is 2+2?,4, obviously\n\n3,Bye\n'
+                   '4,"A ""quoted"" word?",Yes\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    summary = run_batch(src, out, pipeline, chunk_rows=2, show_progress=False)
+    rows = read_jsonl(out)
+    assert summary.rows == 4 and summary.errors == 2 and summary.scored == 2
+    assert [r.get("id") for r in rows] == ["1", None, None, "4"]
+    assert rows[0]["answer"] == "Hello,\nthere" and rows[3]["query"] == 'A "quoted" word?'
+    assert rows[1]["raw"] == "2,What is 2+2?,4, obviously"
+    assert "line 4: expected 3 CSV fields (id, query, answer), got 4" in rows[1]["error"]
+    assert rows[2]["raw"] == "3,Bye" and "line 6:" in rows[2]["error"] and "got 2" in rows[2]["error"]
+
+
+def test_csv_output_keeps_columns_that_appear_late(pipeline, tmp_path):
+    """CSV output has one header: a column first seen in a later chunk (a bad line's ``raw``, a
+    field only some rows have) widens it, earlier rows padded, no value dropped."""
+    src = tmp_path / "logs.jsonl"
+    src.write_text("\n".join([json.dumps({"query": "Hi", "answer": "Hello."}),
+                              json.dumps({"query": "Bye", "answer": "Goodbye."}),
+                              '{"query": "cut',
+                              json.dumps({"query": "Colour?", "answer": "Blue.", "user": "u7"})]) + "\n")
+    out = tmp_path / "out.csv"
+    run_batch(src, out, pipeline, chunk_rows=2, show_progress=False)
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert len(df) == 4 and list(df.columns[-2:]) == ["raw", "user"]
+    assert df.loc[2, "raw"] == '{"query": "cut' and "line 3" in df.loc[2, "error"]
+    assert df.loc[3, "user"] == "u7" and df.loc[3, "error"] == "" and float(df.loc[3, "inspector_score"]) >= 0
+    assert (df.loc[:1, ["raw", "user"]] == "").all().all()
+    assert not list(tmp_path.glob(".*"))  # no partial or widening files left behind
+
+
 def test_parquet_types_round_trip(pipeline, tmp_path):
     src = tmp_path / "logs.parquet"
     table = pa.table({

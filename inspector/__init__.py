@@ -1,4 +1,4 @@
 """Embedding-based inspector: decides which (query, answer) pairs need the aligner."""
-from .model import DEFAULT_MODEL_DIR, Inspector, check_pairs
+from .model import DEFAULT_MODEL_DIR, Inspector, check_pairs, check_unicode
 
-__all__ = ["Inspector", "DEFAULT_MODEL_DIR", "check_pairs"]
+__all__ = ["Inspector", "DEFAULT_MODEL_DIR", "check_pairs", "check_unicode"]

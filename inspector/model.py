@@ -38,7 +38,18 @@ def check_pairs(queries: Sequence, answers: Sequence) -> tuple[list[str], list[s
                 raise ValueError(f"pair {i}: {field} must be a string, got {type(v).__name__}")
             if not v.strip():
                 raise ValueError(f"pair {i}: {field} is empty")
+            check_unicode(v, f"pair {i}: {field}")
     return queries, answers
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Text the tokenizer (and any JSON response) can encode: JSON's ``\\ud800`` escapes parse
+    into lone surrogates that would otherwise fail a whole batch deep inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text (a lone surrogate at character {exc.start}, "
+                         f"e.g. from a \\ud800 JSON escape)") from None
 
 
 class Inspector:

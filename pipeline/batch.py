@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inspector import check_unicode
+
 from .io import InputError, RowWriter, count_rows, format_of, read_chunks
 from .routing import ModerationPipeline, PipelineConfig
 
@@ -40,6 +42,7 @@ def extract_pair(row: dict, query_col: str = "query", answer_col: str = "answer"
                 raise ValueError(f"field {name!r} must be a string, got {type(v).__name__}")
             if not v.strip():
                 raise ValueError(f"field {name!r} is empty")
+            check_unicode(v, f"field {name!r}")
         return q, a
     return _pair_from_messages(messages, messages_col)
 
@@ -48,7 +51,7 @@ def _pair_from_messages(messages, col: str) -> tuple[str, str]:
     if isinstance(messages, str):  # CSV cells hold the list as JSON text
         try:
             messages = json.loads(messages)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a 5,000-digit number, nested too deep
             raise ValueError(f"field {col!r} must be a list of {{role, content}} (or its JSON text)") from None
     if hasattr(messages, "tolist"):
         messages = messages.tolist()
@@ -58,6 +61,8 @@ def _pair_from_messages(messages, col: str) -> tuple[str, str]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"{col}[{i}] must be an object with 'role' and 'content'")
+        if not isinstance(m["role"], str):
+            raise ValueError(f"{col}[{i}] role must be a string, got {type(m['role']).__name__}")
         last[m["role"]] = (i, m["content"])
     if "user" not in last or "assistant" not in last:
         raise ValueError(f"field {col!r} needs at least one 'user' and one 'assistant' turn")
@@ -65,6 +70,7 @@ def _pair_from_messages(messages, col: str) -> tuple[str, str]:
         i, content = last[role]
         if not isinstance(content, str) or not content.strip():
             raise ValueError(f"{col}[{i}] ({role}) content must be a non-empty string")
+        check_unicode(content, f"{col}[{i}] ({role}) content")
     return last["user"][1], last["assistant"][1]
 
 

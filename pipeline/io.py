@@ -121,6 +121,16 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
         yield batch.to_pylist()
 
 
+def _utf8_safe(v):
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(v, list):
+        return [_utf8_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _utf8_safe(x) for k, x in v.items()}
+    return v
+
+
 def _jsonable(v):
     """Values as JSON can hold them (NaN -> null, numpy/arrow scalars -> Python)."""
     if isinstance(v, float) and math.isnan(v):
@@ -153,7 +163,8 @@ class RowWriter:
         if self.fmt == "parquet":
             self._dir = Path(tempfile.mkdtemp(prefix=".parts-", dir=self.path.parent))
         else:
-            self._fh = self._tmp.open("w", encoding="utf-8", newline="")
+            # a lone surrogate (from a JSON escape like \\ud800) is written as that escape's text
+            self._fh = self._tmp.open("w", encoding="utf-8", errors="backslashreplace", newline="")
 
     def write(self, rows: list[dict]) -> None:
         if not rows:
@@ -169,7 +180,10 @@ class RowWriter:
             import pyarrow.parquet as pq
 
             part = self._dir / f"part-{len(self._parts):06d}.parquet"
-            table = pa.Table.from_pylist(rows)
+            try:
+                table = pa.Table.from_pylist(rows)
+            except UnicodeEncodeError:  # Arrow strings are UTF-8: lone surrogates as escape text
+                table = pa.Table.from_pylist([{k: _utf8_safe(v) for k, v in r.items()} for r in rows])
             pq.write_table(table, part)
             self._parts.append(part)
 

@@ -31,6 +31,9 @@ class PipelineConfig:
         check_policy(self.fallback)
         if self.threshold is not None and not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"threshold must be a probability in [0, 1], got {self.threshold}")
+        if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
+            raise ValueError("refusal_text must be a non-empty string: fail_closed shows it instead of a "
+                             f"flagged answer; got {self.refusal_text!r}")
 
 
 @dataclass

@@ -97,6 +97,7 @@ class ServeSettings(BaseModel):
     def _check(self):
         if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError(f"upstream_url must start with http:// or https://, got {self.upstream_url!r}")
+        self.pipeline_config()  # the decision's own checks (threshold, fallback, refusal_text)
         return self
 
     def pipeline_config(self) -> PipelineConfig:
@@ -194,10 +195,21 @@ class InspectorService:
             except (TypeError, ValueError) as exc:
                 out[i] = PairScore(None, str(exc).replace("pair 0: ", ""))
         if ok:
-            scores = self.inspector.score([pairs[i][0] for i in ok], [pairs[i][1] for i in ok])
+            try:
+                scores = list(self.inspector.score([pairs[i][0] for i in ok], [pairs[i][1] for i in ok]))
+            except Exception:  # noqa: BLE001 - a pair the checks missed must not fail the others
+                if len(ok) == 1:
+                    raise
+                scores = [self._score_alone(*pairs[i]) for i in ok]
             for i, s in zip(ok, scores):
-                out[i] = PairScore(float(s))
+                out[i] = s if isinstance(s, PairScore) else PairScore(float(s))
         return out  # type: ignore[return-value]
+
+    def _score_alone(self, query: str, answer: str) -> float | PairScore:
+        try:
+            return float(self.inspector.score([query], [answer])[0])
+        except Exception as exc:  # noqa: BLE001
+            return PairScore(None, f"the inspector failed on this pair: {type(exc).__name__}: {exc}"[:500])
 
 
 class AlignerService:
@@ -284,9 +296,15 @@ def _json_body(raw: bytes):
     if not raw or not raw.strip():
         raise RequestError(400, "empty request body: expected JSON")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(raw, parse_constant=_no_constants)
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply") from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, NaN/Infinity, a number past Python's digit limit
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _parse_item(i: int, x, max_chars: int) -> PairItem:
@@ -337,6 +355,13 @@ def parse_chat_body(raw: bytes, max_chars: int) -> tuple[dict, str]:
     if len(query) > max_chars:
         raise RequestError(422, f"the last user message is too long ({len(query)} characters; "
                                 f"the limit is {max_chars})")
+    try:  # the body is forwarded upstream as UTF-8 JSON: a lone surrogate anywhere cannot be
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(422, f"the request holds text that is not valid Unicode (a lone surrogate, "
+                                f"{exc.object[max(exc.start - 20, 0):exc.start]!r}...)") from None
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply") from None
     return body, query
 
 

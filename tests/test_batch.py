@@ -92,6 +92,26 @@ def test_bad_rows_become_error_rows(pipeline, tmp_path):
         assert r["inspector_score"] is None and r["flagged"] is None
 
 
+def test_invalid_unicode_fails_its_row_not_the_chunk(pipeline, tmp_path):
+    """A JSON escape like \\ud800 parses into a lone surrogate the tokenizer cannot take: that row
+    gets an error; the rest of its chunk is still scored."""
+    src = tmp_path / "logs.jsonl"
+    src.write_text('{"query": "Hi", "answer": "Hello."}\n'
+                   '{"query": "Hi", "answer": "bad \\ud800 text"}\n'
+                   '{"messages": [{"role": "user", "content": "Hi \\udfff"}, {"role": "assistant", "content": "Yo"}]}\n'
+                   '{"query": "Bye", "answer": "Goodbye."}\n')
+    for name in ("out.jsonl", "out.csv", "out.parquet"):  # and every output format can hold the row
+        summary = run_batch(src, tmp_path / name, pipeline, show_progress=False)
+        assert summary.scored == 2 and summary.errors == 2, name
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert rows[0]["error"] is None and rows[3]["error"] is None and rows[3]["inspector_score"] is not None
+    assert "row 2: field 'answer' is not valid Unicode text" in rows[1]["error"]
+    assert "row 3: messages[0] (user) content is not valid Unicode text" in rows[2]["error"]
+    assert rows[1]["answer"] == "bad \ud800 text"  # written as the escape it came in as: round-trips
+    assert pd.read_csv(tmp_path / "out.csv")["answer"][1] == "bad \\ud800 text"
+    assert pd.read_parquet(tmp_path / "out.parquet")["answer"][1] == "bad \\ud800 text"
+
+
 def test_chat_messages_rows(pipeline, inspector):
     row = {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "first"},
                         {"role": "assistant", "content": "one"}, {"role": "user", "content": "last q"},

@@ -28,6 +28,7 @@ SAFE = ("What's a good way to keep basil fresh?", "Trim the stems and stand the 
     ({"upstream_url": "chatbot:8080"}, "http://"),
     ({"generation": "{not json"}, "generation must be a JSON object"),
     ({"thresold": 0.5}, "thresold"),  # a typo is an error, not a silent default
+    ({"refusal_text": "  "}, "refusal_text must be a non-empty string"),  # fail_closed would show a blank
 ])
 def test_bad_settings_name_the_field(args, words):
     with pytest.raises(ValidationError, match=words):
@@ -104,6 +105,34 @@ def test_parse_moderate_rejects_unusable_bodies(raw, status):
     assert e.value.status == status and e.value.detail
 
 
+@pytest.mark.parametrize("raw, words", [
+    (b'{"query": "q", "answer": NaN}', "NaN is not a JSON value"),
+    (b'{"query": ' + b"1" * 5000 + b', "answer": "a"}', "not valid JSON"),  # past Python's digit limit
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+])
+def test_hostile_json_is_a_400_not_a_crash(raw, words):
+    for parse in (lambda r: parse_moderate_body(r, 10, 100), lambda r: parse_chat_body(r, 100)):
+        with pytest.raises(RequestError, match=words) as e:
+            parse(raw)
+        assert e.value.status == 400
+
+
+def test_bad_text_in_one_item_fails_only_that_item():
+    """A lone surrogate (JSON escape \\ud800) or a non-string role is that item's error."""
+    raw = (b'[{"query": "q", "answer": "a"}, {"query": "q", "answer": "x\\udfff"},'
+           b' {"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]}]')
+    is_list, items = parse_moderate_body(raw, 10, 100)
+    assert items[0].error is None
+    assert "item 1: field 'answer' is not valid Unicode text" in items[1].error
+    assert items[2].error == "item 2: messages[0] role must be a string, got list"
+    with pytest.raises(RequestError, match="'query' is not valid Unicode") as e:
+        parse_moderate_body(b'{"query": "\\ud800", "answer": "a"}', 10, 100)
+    assert e.value.status == 422
+    with pytest.raises(RequestError, match="not valid Unicode") as e:  # the chat body is forwarded whole
+        parse_chat_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 100)
+    assert e.value.status == 422
+
+
 def test_parse_chat_body():
     body = {"model": "m", "messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
                                        {"role": "user", "content": [{"type": "text", "text": "last"},
@@ -177,6 +206,24 @@ def test_inspector_service_scores_valid_pairs_and_reports_bad_ones(inspector_ser
     assert "query must be a string" in out[3].error
     direct = inspector_service.inspector.score([HARM[0], SAFE[0]], [HARM[1], SAFE[1]])
     np.testing.assert_allclose([out[0].score, out[2].score], direct, atol=1e-6)
+
+
+def test_inspector_service_isolates_a_pair_the_model_fails_on(inspector_service, monkeypatch):
+    """Pairs are scored in one batch; if the model still raises on one, the others get scores."""
+    real = inspector_service.inspector.score
+
+    def fails_on_boom(queries, answers, **kw):
+        if "boom" in answers:
+            raise RuntimeError("tokenizer exploded")
+        return real(queries, answers, **kw)
+
+    monkeypatch.setattr(inspector_service.inspector, "score", fails_on_boom)
+    out = inspector_service.score_pairs([HARM, ("q", "boom"), SAFE, ("q", "\ud800")])
+    assert out[0].error is None and out[2].error is None
+    np.testing.assert_allclose([out[0].score, out[2].score], real([HARM[0], SAFE[0]], [HARM[1], SAFE[1]]),
+                               atol=1e-6)
+    assert out[1].score is None and "RuntimeError: tokenizer exploded" in out[1].error
+    assert out[3].score is None and "answer is not valid Unicode" in out[3].error
 
 
 def test_inspector_service_int8_setting(inspector_service):

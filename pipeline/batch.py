@@ -31,7 +31,9 @@ def extract_pair(row: dict, query_col: str = "query", answer_col: str = "answer"
                  messages_col: str = "messages") -> tuple[str, str]:
     """(query, answer) from a row, or ValueError naming the field and what was expected."""
     messages = row.get(messages_col)
-    has_columns = row.get(query_col) is not None or row.get(answer_col) is not None
+    # a blank cell is no value: a CSV with query, answer and messages columns leaves one side empty
+    has_columns = any(v is not None and not (isinstance(v, str) and not v.strip())
+                      for v in (row.get(query_col), row.get(answer_col)))
     if has_columns or messages is None or (isinstance(messages, str) and not messages.strip()):
         q, a = row.get(query_col), row.get(answer_col)
         for name, v in ((query_col, q), (answer_col, a)):
@@ -104,8 +106,11 @@ def process_rows(rows: list[dict], pipeline: ModerationPipeline, query_col: str,
     for i, row in enumerate(rows):
         row = dict(row)
         err = row.pop("_error", None)
-        for col in OUTPUT_COLUMNS:
-            row.setdefault(col, None)
+        for col in OUTPUT_COLUMNS:  # the log's own `error`, `flagged`, ... columns are kept as input_*
+            value = row.pop(col, None)
+            if value is not None and f"input_{col}" not in row:
+                row[f"input_{col}"] = value
+        row.update(dict.fromkeys(OUTPUT_COLUMNS))
         if err is None:
             try:
                 pairs.append(extract_pair(row, query_col, answer_col))
@@ -166,10 +171,10 @@ def run_batch(input_path: str | Path, output_path: str | Path, pipeline: Moderat
                 writer.write(process_rows(rows, pipeline, query_col, answer_col, summary))
                 bar.update(len(rows))
                 bar.set_postfix(flagged=summary.flagged, errors=summary.errors)
+        writer.close()
     except BaseException:
         writer.abort()
         raise
-    writer.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -232,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(README, 'int8'); re-tune --threshold on it")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.chunk_rows < 1:
+        ap.error(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
 
     try:
         format_of(args.input, "input")

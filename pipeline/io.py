@@ -52,7 +52,7 @@ def read_chunks(path: str | Path, chunk_rows: int = 256) -> Iterator[list[dict]]
 
 def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
     rows: list[dict] = []
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+    with path.open("r", encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not row 1's text
         for lineno, line in enumerate(f, 1):
             text = line.rstrip("\n").rstrip("\r")
             if not text.strip():
@@ -87,6 +87,7 @@ def _read_csv(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
             header = next(reader, None)
             if header is None:
                 return
+            header = _unique_names(header)
             rows: list[dict] = []
             line = reader.line_num + 1  # where the next record starts
             for record in reader:
@@ -107,6 +108,20 @@ def _read_csv(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
             raise InputError(f"input {path}: cannot parse CSV at line {reader.line_num} ({e})") from None
     if rows:
         yield rows
+
+
+def _unique_names(header: list[str]) -> list[str]:
+    """A repeated CSV column name gets a suffix (``query``, ``query.1``) so no column's values are lost."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in header:
+        new = name
+        while new in seen:
+            seen[name] += 1
+            new = f"{name}.{seen[name]}"
+        seen.setdefault(new, 0)
+        out.append(new)
+    return out
 
 
 def _read_parquet(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
@@ -183,7 +198,10 @@ class RowWriter:
             try:
                 table = pa.Table.from_pylist(rows)
             except UnicodeEncodeError:  # Arrow strings are UTF-8: lone surrogates as escape text
-                table = pa.Table.from_pylist([{k: _utf8_safe(v) for k, v in r.items()} for r in rows])
+                rows = [{k: _utf8_safe(v) for k, v in r.items()} for r in rows]
+                table = _table_mixed_as_text(rows)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                table = _table_mixed_as_text(rows)  # a field that is 1 in one row and "abc" in another
             pq.write_table(table, part)
             self._parts.append(part)
 
@@ -237,17 +255,28 @@ class RowWriter:
         try:
             schemas = [pq.read_schema(p) for p in self._parts]
             schema = _unified_schema(schemas) if schemas else pa.schema([])
-            if self.schema_hint is not None:
-                hint = {f.name: f.type for f in self.schema_hint}
-                schema = pa.schema([(f.name, hint.get(f.name, f.type)) for f in schema])
+            hint = {f.name: f.type for f in self.schema_hint} if self.schema_hint is not None else {}
+            # first pass: each column keeps the input's type, else the parts' common type, as long
+            # as every part casts to it; otherwise it is written as text
+            types = {f.name: hint.get(f.name, f.type) for f in schema}
+            for p in self._parts:
+                t = pq.read_table(p)
+                for name in t.column_names:
+                    for candidate in (types[name], schema.field(name).type, pa.string()):
+                        if _casts(t.column(name), candidate):
+                            types[name] = candidate
+                            break
+            schema = pa.schema([(n, types[n]) for n in schema.names])
             with pq.ParquetWriter(self._tmp, schema) as w:
                 for p in self._parts:
                     t = pq.read_table(p)
-                    for name in schema.names:
-                        if name not in t.column_names:
-                            t = t.append_column(name, pa.nulls(len(t), schema.field(name).type))
-                    w.write_table(t.select(schema.names).cast(schema))
+                    cols = [_cast_or_text(t.column(n), f.type) if n in t.column_names else pa.nulls(len(t), f.type)
+                            for n, f in zip(schema.names, schema)]
+                    w.write_table(pa.Table.from_arrays(cols, schema=schema))
             os.replace(self._tmp, self.path)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -259,6 +288,47 @@ class RowWriter:
             self._fh.close()
             self._tmp.unlink(missing_ok=True)
             self._tmp.with_name(self._tmp.name + ".wide").unlink(missing_ok=True)
+
+
+def _as_text(v):
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps(_jsonable(v), ensure_ascii=False, default=str) if isinstance(v, (list, dict)) else str(v)
+
+
+def _table_mixed_as_text(rows: list[dict]):
+    """Arrow table of rows whose fields may change type from row to row: such a column is text."""
+    import pyarrow as pa
+
+    names: list[str] = []
+    for r in rows:
+        names += [k for k in r if k not in names]
+    arrays = []
+    for n in names:
+        values = [r.get(n) for r in rows]
+        try:
+            arrays.append(pa.array(values))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            arrays.append(pa.array([_as_text(v) for v in values], type=pa.string()))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _casts(column, target) -> bool:
+    import pyarrow as pa
+
+    try:
+        column.cast(target)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return False
+
+
+def _cast_or_text(column, target):
+    import pyarrow as pa
+
+    if _casts(column, target):
+        return column.cast(target)
+    return pa.array([_as_text(v) for v in column.to_pylist()], type=pa.string())
 
 
 def _unified_schema(schemas):

@@ -325,6 +325,7 @@ def _write_in_order(ds, output_path: Path, schema_hint, show_progress: bool) -> 
                 tally(summary, rows)
                 bar.update(len(rows))
                 bar.set_postfix(flagged=summary.flagged, errors=summary.errors)
+        writer.close()
     except BaseException as e:
         writer.abort()
         cause = _cause(e) if isinstance(e, Exception) else None
@@ -332,6 +333,5 @@ def _write_in_order(ds, output_path: Path, schema_hint, show_progress: bool) -> 
             # the message alone: Ray appends retry advice and the remote traceback
             raise type(cause)(str(cause).split("\n")[0]) from None
         raise
-    writer.close()
     summary.seconds = time.perf_counter() - t0
     return summary

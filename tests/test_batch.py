@@ -178,6 +178,40 @@ def test_csv_output_keeps_columns_that_appear_late(pipeline, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no partial or widening files left behind
 
 
+def test_awkward_but_readable_logs_keep_every_value(pipeline, tmp_path):
+    """A BOM, a log's own `error`/`flagged` columns, a CSV with both pair columns and `messages`, a
+    repeated CSV header name, and fields whose type changes between rows (Parquet output): all
+    scored, every value kept."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"query": "How do I bake bread?", "answer": "Mix flour.",
+                                                  "error": "upstream timeout", "flagged": "by-user"}).encode() + b"\n")
+    run_batch(bom, tmp_path / "bom_out.jsonl", pipeline, show_progress=False)
+    (row,) = read_jsonl(tmp_path / "bom_out.jsonl")
+    assert row["error"] is None and isinstance(row["flagged"], bool) and row["inspector_score"] is not None
+    assert (row["input_error"], row["input_flagged"]) == ("upstream timeout", "by-user")
+
+    csv_in = tmp_path / "mixed.csv"
+    csv_in.write_text('id,query,answer,messages,query\n1,How do I bake bread?,Mix flour.,,dup\n'
+                      '2,,,"[{""role"":""user"",""content"":""hi""},{""role"":""assistant"",""content"":""hello""}]",\n')
+    summary = run_batch(csv_in, tmp_path / "mixed_out.jsonl", pipeline, show_progress=False)
+    rows = read_jsonl(tmp_path / "mixed_out.jsonl")
+    assert summary.errors == 0 and summary.scored == 2
+    assert rows[0]["query"] == "How do I bake bread?" and rows[0]["query.1"] == "dup"
+
+    mixed = tmp_path / "types.jsonl"
+    mixed.write_text("\n".join(json.dumps(r) for r in [
+        {"id": 1, "query": "Hi", "answer": "Hello.", "meta": {"a": 1}},
+        {"id": "abc", "query": "Bye", "answer": "Goodbye.", "meta": "x"},
+        {"id": 3, "query": "Colour?", "answer": "Blue.", "meta": [1, 2]}]) + "\n")
+    for chunk_rows in (1, 256):  # types that change across chunks, and inside one
+        out = tmp_path / f"types_{chunk_rows}.parquet"
+        run_batch(mixed, out, pipeline, chunk_rows=chunk_rows, show_progress=False)
+        df = pd.read_parquet(out)
+        assert list(df["id"]) == ["1", "abc", "3"] and list(df["meta"]) == ['{"a": 1}', "x", "[1, 2]"]
+        assert df["inspector_score"].notna().all()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_parquet_types_round_trip(pipeline, tmp_path):
     src = tmp_path / "logs.parquet"
     table = pa.table({

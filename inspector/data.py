@@ -21,26 +21,49 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8-sig")
+        if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array of objects
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+            return pd.DataFrame(rows)
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
         return pd.DataFrame(rows)
     if suffix == ".csv":
-        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+        try:
+            columns = pd.read_csv(path, nrows=0).columns
+            # text stays text ("4" is an answer, not a number); labels may be 0/1 or True/False
+            return pd.read_csv(path, keep_default_na=False, na_values=[""],
+                               dtype={c: str for c in columns if c != "label"})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read CSV ({e})") from None
     if suffix == ".parquet":
-        return pd.read_parquet(path)
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read Parquet ({e})") from None
     raise ValueError(f"{path}: unsupported format {suffix!r}; expected one of {', '.join(FORMATS)}")
 
 
 def validate_pairs(df: pd.DataFrame, where: str, need_label: bool = True,
                    query_col: str = "query", answer_col: str = "answer") -> pd.DataFrame:
     """Check columns and types; the error names the file, row and field at fault."""
+    if len(df) == 0:
+        raise ValueError(f"{where}: no rows")
     need = [query_col, answer_col] + (["label"] if need_label else [])
     missing = [c for c in need if c not in df.columns]
     if missing:
@@ -69,6 +92,9 @@ def load_labelled(paths: Sequence[str | Path]) -> pd.DataFrame:
         df = validate_pairs(read_table(p), str(p))
         if "source" not in df.columns:
             df = df.assign(source=Path(p).stem)
+        else:  # a missing cell too: every pair needs a source for the split and the per-source figures
+            blank = df["source"].isna() | (df["source"].astype(str).str.strip() == "")
+            df = df.assign(source=df["source"].astype(object).where(~blank, Path(p).stem).astype(str))
         frames.append(df[["query", "answer", "label", "source"]])
     if not frames:
         raise ValueError("no training files given")
@@ -191,7 +217,8 @@ def stratified_split(df: pd.DataFrame, fractions: Iterable[float], seed: int,
     parts: list[list[np.ndarray]] = [[] for _ in fractions]
     for source in sorted(set(home)):
         rows = np.flatnonzero(home == source)
-        k = int(min(n_folds, len(np.unique(groups[rows]))))
+        # scikit-learn refuses more folds than groups, or than the larger class has rows
+        k = int(min(n_folds, len(np.unique(groups[rows])), np.unique(labels[rows], return_counts=True)[1].max()))
         if k < 2:
             parts[0].append(rows)
             continue

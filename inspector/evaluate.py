@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     threshold = insp.threshold if args.threshold is None else args.threshold
     scores = insp.score(df["query"].tolist(), df["answer"].tolist(), show_progress=True)
-    sources = df["source"] if "source" in df.columns else None
+    sources = df["source"].fillna("(no source)").astype(str) if "source" in df.columns else None
     report = report_by_source(df["label"].to_numpy(), scores, threshold, sources,
                               public_pool(sources) if args.test_split else None)
     if args.bootstrap:

@@ -146,6 +146,7 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
     unknown = sorted(set(holdout_sources or []) - set(src))
     if unknown:  # said before the hour of training, not after it
         raise ValueError(f"--holdout-sources: no rows from source(s) {unknown}; sources are {sorted(set(src))}")
+    stratified_split(df, SPLIT_FRACTIONS, seed)  # too little data to split: said now, not after embedding
     with staged_folder(out) as folder:
         encoder = PairEncoder(embedder, recipe=recipe)
         run = _Run(df, encoder, ft, show_progress)
@@ -262,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.data and not args.shared_data:
         ap.error("give training data: --data FILE... and/or --shared-data DIR")
+    if not 0 < args.target_fpr < 1:
+        ap.error(f"--target-fpr is the share of aligned pairs routed, between 0 and 1; got {args.target_fpr}")
+    if args.train_layers < 0:
+        ap.error(f"--train-layers must be 0 (frozen embedder) or more, got {args.train_layers}")
     if args.members < 1 or (args.members > 1 and args.train_layers == 0):
         ap.error(f"--members must be 1, or more with --train-layers >= 1; got {args.members}")
     if args.holdout_epochs is not None and args.holdout_epochs < 1:

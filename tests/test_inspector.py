@@ -462,6 +462,36 @@ def test_load_labelled_dedupes_and_defaults_source(tmp_path):
     assert set(df["source"]) == {"pairs"}
 
 
+def test_labelled_files_read_as_written(tmp_path):
+    """CSV text that looks numeric stays text, a BOM is skipped, a missing source cell takes the
+    file's name, a JSON array file is read, and bad files name themselves."""
+    (tmp_path / "num.csv").write_text("query,answer,label,source\nWhat is 2+2?,4,0,\nWW2 ended?,1945,1,quiz\n")
+    df = load_labelled([tmp_path / "num.csv"])
+    assert list(df.sort_values("query")["answer"]) == ["1945", "4"] and set(df["label"]) == {0, 1}
+    assert set(df["source"]) == {"num", "quiz"}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"query": "q", "answer": "a", "label": 1}).encode())
+    (tmp_path / "arr.json").write_text(json.dumps([{"query": "q2", "answer": "b", "label": 0}], indent=2))
+    assert len(load_labelled([tmp_path / "bom.jsonl", tmp_path / "arr.json"])) == 2
+    (tmp_path / "list.jsonl").write_text('{"query": "q", "answer": "a", "label": 1}\n[1, 2]\n')
+    (tmp_path / "empty.csv").write_text("query,answer,label\n")
+    (tmp_path / "blank.csv").write_text("")
+    for name, words in (("list.jsonl", "list.jsonl:2: expected a JSON object per line, got list"),
+                        ("empty.csv", "empty.csv: no rows"), ("blank.csv", "blank.csv: cannot read CSV")):
+        with pytest.raises(ValueError, match=words):
+            load_labelled([tmp_path / name])
+
+
+@pytest.mark.parametrize("n0, n1", [(2, 1), (3, 3), (15, 15), (19, 19), (19, 20), (5, 30)])
+def test_split_handles_small_sources_with_both_labels(n0, n1):
+    big = pd.DataFrame({"query": [f"b{i}" for i in range(200)], "answer": "x", "label": [0, 1] * 100,
+                        "source": "big"})
+    small = pd.DataFrame({"query": [f"s{i}" for i in range(n0 + n1)], "answer": "y",
+                          "label": [0] * n0 + [1] * n1, "source": "small"})
+    df = pd.concat([big, small], ignore_index=True)
+    parts = stratified_split(df, SPLIT_FRACTIONS, 0)
+    assert sorted(np.concatenate(parts)) == list(range(len(df)))  # every row in exactly one part
+
+
 # -- the real data ----------------------------------------------------------------------------
 def test_default_reproduces_its_test_metrics(shared_data, default_inspector):
     """The shipped model, scored on the test pairs recomputed from the data and the stored seed,

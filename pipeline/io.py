@@ -256,16 +256,20 @@ class RowWriter:
             schemas = [pq.read_schema(p) for p in self._parts]
             schema = _unified_schema(schemas) if schemas else pa.schema([])
             hint = {f.name: f.type for f in self.schema_hint} if self.schema_hint is not None else {}
-            # first pass: each column keeps the input's type, else the parts' common type, as long
-            # as every part casts to it; otherwise it is written as text
+            # each column keeps the input's type, else the parts' common type, as long as every
+            # part casts to it; otherwise it is written as text (types only step down: this ends)
             types = {f.name: hint.get(f.name, f.type) for f in schema}
-            for p in self._parts:
-                t = pq.read_table(p)
-                for name in t.column_names:
-                    for candidate in (types[name], schema.field(name).type, pa.string()):
-                        if _casts(t.column(name), candidate):
-                            types[name] = candidate
-                            break
+            changed = True
+            while changed:
+                changed = False
+                for p in self._parts:
+                    t = pq.read_table(p)
+                    for name in t.column_names:
+                        col, common = t.column(name), schema.field(name).type
+                        if pa.types.is_string(types[name]) or _casts(col, types[name]):
+                            continue
+                        types[name] = common if common != types[name] and _casts(col, common) else pa.string()
+                        changed = True
             schema = pa.schema([(n, types[n]) for n in schema.names])
             with pq.ParquetWriter(self._tmp, schema) as w:
                 for p in self._parts:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from inspector import check_unicode
 
-from .io import InputError, RowWriter, count_rows, format_of, read_chunks
+from .io import InputError, RowWriter, count_rows, format_of, input_columns, read_chunks
 from .routing import ModerationPipeline, PipelineConfig
 
 OUTPUT_COLUMNS = ("inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback", "error")
@@ -98,6 +98,12 @@ class Summary:
         return d
 
 
+def output_columns(input_path: str | Path) -> list[str]:
+    """The output's columns as far as the input's header tells them (see ``process_rows``)."""
+    cols = [f"input_{c}" if c in OUTPUT_COLUMNS else c for c in input_columns(input_path)]
+    return cols + list(OUTPUT_COLUMNS)
+
+
 def process_rows(rows: list[dict], pipeline: ModerationPipeline, query_col: str, answer_col: str,
                  summary: Summary) -> list[dict]:
     """Annotate one chunk of rows in place order; errors stay on their row."""
@@ -162,7 +168,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, pipeline: Moderat
         import pyarrow.parquet as pq
 
         hint = pq.read_schema(input_path)
-    writer = RowWriter(output_path, schema_hint=hint)
+    writer = RowWriter(output_path, schema_hint=hint, empty_columns=output_columns(input_path))
     t0 = time.perf_counter()
     try:
         with tqdm(total=count_rows(input_path), unit="row", desc="moderating",

@@ -38,6 +38,25 @@ def count_rows(path: str | Path) -> int | None:
     return None
 
 
+def input_columns(path: str | Path) -> list[str]:
+    """The columns a CSV header or Parquet schema names (JSONL rows name their own: []), so an
+    input without rows still gives an output with its columns."""
+    fmt = format_of(path, "input")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if fmt == "csv":
+            import csv
+
+            with Path(path).open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
+                return _unique_names(next(csv.reader(f), []))
+    except Exception:  # noqa: BLE001 - unreadable input is reported by the reader, with its reason
+        return []
+    return []
+
+
 def read_chunks(path: str | Path, chunk_rows: int = 256) -> Iterator[list[dict]]:
     path = Path(path)
     fmt = format_of(path, "input")
@@ -164,10 +183,12 @@ class RowWriter:
     """Writes rows in order to JSONL, CSV or Parquet. Parquet chunks go to temporary part files
     first and are unified into one schema at ``close`` (log rows may differ in their columns)."""
 
-    def __init__(self, path: str | Path, schema_hint=None):
-        """``schema_hint``: the input's Arrow schema, so Parquet output keeps the input's types."""
+    def __init__(self, path: str | Path, schema_hint=None, empty_columns: list[str] | None = None):
+        """``schema_hint``: the input's Arrow schema, so Parquet output keeps the input's types;
+        ``empty_columns``: the header (CSV) or schema (Parquet) to write if no row ever comes."""
         self.path = Path(path)
         self.schema_hint = schema_hint
+        self.empty_columns = list(empty_columns or [])
         self.fmt = format_of(self.path, "output")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
@@ -243,6 +264,10 @@ class RowWriter:
         if self._closed:
             return
         self._closed = True
+        if self.fmt == "csv" and self._columns is None and self.empty_columns:
+            import csv
+
+            csv.writer(self._fh).writerow(self.empty_columns)  # no rows: still the columns
         if self.fmt != "parquet":
             self._fh.close()
             if self._columns and len(self._columns) > self._header_width:
@@ -254,8 +279,9 @@ class RowWriter:
 
         try:
             schemas = [pq.read_schema(p) for p in self._parts]
-            schema = _unified_schema(schemas) if schemas else pa.schema([])
             hint = {f.name: f.type for f in self.schema_hint} if self.schema_hint is not None else {}
+            schema = _unified_schema(schemas) if schemas else \
+                pa.schema([(n, hint.get(n, pa.string())) for n in self.empty_columns])
             # each column keeps the input's type, else the parts' common type, as long as every
             # part casts to it; otherwise it is written as text (types only step down: this ends)
             types = {f.name: hint.get(f.name, f.type) for f in schema}

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .batch import OUTPUT_COLUMNS, Summary, build_pipeline, process_rows
+from .batch import OUTPUT_COLUMNS, Summary, build_pipeline, output_columns, process_rows
 from .io import InputError, RowWriter, format_of, read_chunks
 from .routing import PipelineConfig
 
@@ -300,19 +300,21 @@ def run_ray_batch(input_path: str | Path, output_path: str | Path, *, inspector_
             import pyarrow.parquet as pq
 
             hint = pq.read_schema(input_path)
-        return _write_in_order(ds, output_path, hint, show_progress)
+        empty = output_columns(input_path) if not is_uri(input_path) else None
+        return _write_in_order(ds, output_path, hint, show_progress, empty)
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved  # the caller's session
         if started:
             ray.shutdown()
 
 
-def _write_in_order(ds, output_path: Path, schema_hint, show_progress: bool) -> Summary:
+def _write_in_order(ds, output_path: Path, schema_hint, show_progress: bool,
+                    empty_columns: list[str] | None = None) -> Summary:
     """Stream the finished batches into one file, checking they come back in input order."""
     from tqdm.auto import tqdm
 
     summary = Summary()
-    writer = RowWriter(output_path, schema_hint=schema_hint)
+    writer = RowWriter(output_path, schema_hint=schema_hint, empty_columns=empty_columns)
     t0 = time.perf_counter()
     try:
         with tqdm(unit="row", desc="moderating (ray)", disable=not show_progress) as bar:

@@ -212,6 +212,20 @@ def test_awkward_but_readable_logs_keep_every_value(pipeline, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_input_without_rows_gives_an_output_with_its_columns(pipeline, tmp_path):
+    (tmp_path / "hdr.csv").write_text("query,answer,user_id,error\n")
+    summary = run_batch(tmp_path / "hdr.csv", tmp_path / "hdr_out.csv", pipeline, show_progress=False)
+    assert summary.rows == 0
+    assert (tmp_path / "hdr_out.csv").read_text().strip().split(",") == ["query", "answer", "user_id",
+                                                                         "input_error", *ADDED]
+    pq.write_table(pa.table({"query": pa.array([], pa.string()), "answer": pa.array([], pa.string()),
+                             "n": pa.array([], pa.int64())}), tmp_path / "empty.parquet")
+    run_batch(tmp_path / "empty.parquet", tmp_path / "empty_out.parquet", pipeline, show_progress=False)
+    schema = pq.read_schema(tmp_path / "empty_out.parquet")
+    assert schema.names == ["query", "answer", "n", *ADDED] and schema.field("n").type == pa.int64()
+    assert pq.read_metadata(tmp_path / "empty_out.parquet").num_rows == 0
+
+
 def test_parquet_types_round_trip(pipeline, tmp_path):
     src = tmp_path / "logs.parquet"
     table = pa.table({

@@ -6,6 +6,8 @@ memory whole. A JSONL line that is not valid JSON (or not an object) is yielded 
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -13,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long answers are fine in a CSV cell
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -48,8 +52,6 @@ def input_columns(path: str | Path) -> list[str]:
 
             return list(pq.read_schema(path).names)
         if fmt == "csv":
-            import csv
-
             with Path(path).open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
                 return _unique_names(next(csv.reader(f), []))
     except Exception:  # noqa: BLE001 - unreadable input is reported by the reader, with its reason
@@ -96,10 +98,6 @@ def _read_csv(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
     differs from the header's (an unquoted comma, a cut-off line) becomes an error row with its
     text in ``raw``, like a bad JSONL line; only a file the CSV reader cannot tokenise at all
     (e.g. a quote never closed) is an input error."""
-    import csv
-    import io
-
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long answers are fine
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.reader(f, strict=True)
         try:
@@ -230,8 +228,6 @@ class RowWriter:
         """CSV has one header, written before later rows are seen: a column that first appears in
         a later chunk (a bad line's ``raw``, a field only some log rows have) is appended to the
         column list, and ``close`` rewrites the header, padding the earlier rows; no value is dropped."""
-        import csv
-
         if self._columns is None:
             self._columns = []
             self._csv = csv.writer(self._fh)
@@ -241,15 +237,10 @@ class RowWriter:
             self._csv.writerow(self._columns)
             self._header_width = len(self._columns)
         for r in rows:
-            values = [_jsonable(r.get(k)) for k in self._columns]
-            self._csv.writerow([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
-                                for v in values])
+            self._csv.writerow([_as_text(_jsonable(r.get(k))) for k in self._columns])
 
     def _widen_csv_header(self) -> None:
         """Second streaming pass over the written CSV: the full header, short rows padded."""
-        import csv
-
-        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long answers are fine
         wide = self._tmp.with_name(self._tmp.name + ".wide")
         with self._tmp.open("r", encoding="utf-8", newline="") as src, \
                 wide.open("w", encoding="utf-8", newline="") as dst:
@@ -265,8 +256,6 @@ class RowWriter:
             return
         self._closed = True
         if self.fmt == "csv" and self._columns is None and self.empty_columns:
-            import csv
-
             csv.writer(self._fh).writerow(self.empty_columns)  # no rows: still the columns
         if self.fmt != "parquet":
             self._fh.close()

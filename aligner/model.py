@@ -169,6 +169,40 @@ def _max_positions(config) -> int | None:
     return None
 
 
+# generate() options that would change what generate() returns (one sequence per input, as ids)
+_SHAPE_CHANGING = {"num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False,
+                   "output_logits": False, "output_attentions": False, "output_hidden_states": False}
+# set by the aligner itself from the tokenized prompts
+_OWN_INPUTS = {"input_ids", "attention_mask", "inputs", "decoder_input_ids", "generation_config"}
+
+
+def check_generation_keys(generation: dict) -> None:
+    """Refuse generation options ``generate()`` would ignore or choke on, before any request:
+    an unknown name (a typo such as ``temprature`` would otherwise fail every batch or be silently
+    ignored), inputs the aligner sets itself, and options that make it return more than one
+    sequence per input."""
+    import difflib
+    import inspect
+
+    from transformers import GenerationConfig, GenerationMixin
+
+    if not isinstance(generation, dict):
+        raise ValueError(f"generation must be a dict of generate() arguments, got {type(generation).__name__}")
+    known = set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+    known |= set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "kwargs"}
+    for key, value in generation.items():
+        if key in _OWN_INPUTS:
+            raise ValueError(f"generation option {key!r} is set by the aligner from the prompt; remove it")
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown generation option {key!r}{hint}; expected generate() / "
+                             f"GenerationConfig arguments")
+        if key in _SHAPE_CHANGING and value not in (None, _SHAPE_CHANGING[key]):
+            raise ValueError(f"generation option {key}={value!r} is not supported: the aligner makes one "
+                             f"correction per input (leave it at {_SHAPE_CHANGING[key]!r})")
+
+
 _CONTRACTION = re.compile(r"(\w) ' (s|t|m|re|ve|ll|d)\b")
 GENERATION_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "Seq2SeqLM",
                     "EncoderDecoderModel")
@@ -199,6 +233,25 @@ class Aligner:
         self.max_input_tokens = wanted
         self.generation = dict(generation or {})
         self.extra_config = dict(extra_config or {})
+        self.check_generation(self.generation)
+
+    def check_generation(self, generation: dict) -> None:
+        """Fail now, with the option named, if ``generate()`` would reject these settings: a key
+        check, then one step of generation on a short prompt (milliseconds, even for a 7B on a
+        GPU). Without it a bad value (``num_beams=0``, ``temperature="hot"``) fails every request
+        of a deployment that started fine."""
+        check_generation_keys(generation)
+        gen = self._generation_kwargs(generation)
+        gen["max_new_tokens"] = 1
+        for k in ("min_new_tokens", "min_length", "max_length", "max_time"):
+            gen.pop(k, None)
+        ids, mask = self._pad([self.prompt_ids("?", "?")[0]])
+        try:
+            with torch.inference_mode():
+                self.model.generate(input_ids=ids, attention_mask=mask, **gen)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the settings named
+            raise ValueError(f"generation settings {generation} are rejected by the model's generate(): "
+                             f"{type(exc).__name__}: {exc}"[:800]) from exc
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -296,6 +349,7 @@ class Aligner:
         order = sorted(encoded, key=lambda i: len(encoded[i]), reverse=True)
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        check_generation_keys(generation)  # a typo is the caller's error, not every item's
         gen_kwargs = self._generation_kwargs(generation)
         iterator = batches
         if show_progress:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .data import Row, default_data_files, load_rows, split_by_query, write_split
-from .model import (GENERATION_HEADS, Aligner, encode_prompt, eos_token_id, prepare_special_tokens,
-                    resolve_device)
+from .model import (GENERATION_HEADS, Aligner, check_generation_keys, encode_prompt, eos_token_id,
+                    prepare_special_tokens, resolve_device)
 from .template import DEFAULT_TEMPLATE, build_prompt, validate_template
 
 IGNORE = -100
@@ -493,6 +493,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if known.recipe:
         parser.set_defaults(**RECIPES[known.recipe])
     args = parser.parse_args(argv)
+    if isinstance(args.generation, str):  # checked before the training run, not after it
+        try:
+            gen = json.loads(args.generation)
+            if not isinstance(gen, dict):
+                raise ValueError(f"a JSON object is expected, got {type(gen).__name__}")
+            check_generation_keys(gen)
+        except ValueError as exc:  # JSONDecodeError included
+            parser.error(f"--generation: {exc}")
     saved = Path(args.out) / "train_args.json"
     if args.resume and saved.exists():
         # resume with the saved recipe; options given again must agree with it

@@ -35,7 +35,7 @@ class ServeSettings(BaseModel):
     """Application settings. Deployment-level knobs that Serve itself owns (autoscaling,
     replicas) can also be set in the ``deployments:`` section of a Serve config, which wins."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite timeout is a hang
 
     # models and the decision
     inspector: str | None = Field(None, description="inspector folder; None: $INSPECTOR_MODEL, else the bundled one")
@@ -91,6 +91,10 @@ class ServeSettings(BaseModel):
                 v = json.loads(v)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"generation must be a JSON object of generate() arguments: {exc}") from None
+        if isinstance(v, dict) and v:
+            from aligner.model import check_generation_keys
+
+            check_generation_keys(v)  # a typo fails `serve run`, not every request
         return v
 
     @model_validator(mode="after")
@@ -224,6 +228,7 @@ class AlignerService:
         self.id_or_path = id_or_path
         self.aligner = Aligner.load(id_or_path, device=device)
         self.generation = dict(generation or {})
+        self.aligner.check_generation(self.generation)  # bad values fail the replica's start, not requests
         self.timeout_s = timeout_s
         self.batch_size = batch_size
 

@@ -131,6 +131,28 @@ def test_save_load_round_trip_keeps_template_limits_and_outputs(tmp_path, tiny_d
     assert is_loadable_model_dir(out) and not is_loadable_model_dir(tiny_dirs["seq2seq"])
 
 
+def test_bad_generation_settings_fail_at_load_with_the_option_named(tiny_dirs):
+    # a typo, an option that returns several sequences, and a value generate() rejects all fail now,
+    # not as a "generation error" on every later request
+    with pytest.raises(ValueError, match="unknown generation option 'temprature'.*'temperature'"):
+        Aligner.load(tiny_dirs["causal"], device="cpu", generation={"temprature": 0.7})
+    with pytest.raises(ValueError, match="num_return_sequences=3 is not supported"):
+        Aligner.load(tiny_dirs["seq2seq"], device="cpu", generation={"num_return_sequences": 3})
+    with pytest.raises(ValueError, match="'input_ids' is set by the aligner"):
+        Aligner.load(tiny_dirs["causal"], device="cpu", generation={"input_ids": [1, 2]})
+    for kind in ("causal", "seq2seq"):
+        with pytest.raises(ValueError, match=r"generation settings \{'num_beams': 0\} are rejected"):
+            Aligner.load(tiny_dirs[kind], device="cpu", generation={"num_beams": 0})
+    ok = Aligner.load(tiny_dirs["causal"], device="cpu", max_new_tokens=4,
+                      generation={"do_sample": True, "top_p": 0.9, "temperature": 0.7})
+    assert len(ok.correct(QUERIES[:1], ANSWERS[:1])) == 1
+
+
+def test_unknown_generation_option_in_a_call_is_the_callers_error(causal):
+    with pytest.raises(ValueError, match="unknown generation option 'max_new_token'"):
+        causal.correct_detailed(QUERIES, ANSWERS, max_new_token=5)
+
+
 def test_bad_template_is_rejected(tiny_dirs):
     with pytest.raises(ValueError, match=r"\{answer\}"):
         Aligner.load(tiny_dirs["causal"], device="cpu", template="Q: {question}")

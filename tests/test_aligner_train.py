@@ -173,3 +173,13 @@ def test_named_recipe_sets_defaults_that_explicit_options_override(tmp_path):
     assert args.max_steps == 7 and json.loads(args.generation) == {"no_repeat_ngram_size": 3}
     saved = json.loads((tmp_path / "o" / "train_args.json").read_text())
     assert saved["max_steps"] == 7 and saved["exclude_source"] == ["hh_rlhf_harmless_base_test"]
+
+
+def test_bad_generation_option_is_refused_before_training(tmp_path, capsys):
+    from aligner.train import parse_args
+
+    for bad, words in (('{"temprature": 0.7}', "did you mean 'temperature'"), ("[1, 2]", "JSON object")):
+        with pytest.raises(SystemExit):
+            parse_args(["--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--generation", bad])
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start

@@ -29,6 +29,10 @@ SAFE = ("What's a good way to keep basil fresh?", "Trim the stems and stand the 
     ({"generation": "{not json"}, "generation must be a JSON object"),
     ({"thresold": 0.5}, "thresold"),  # a typo is an error, not a silent default
     ({"refusal_text": "  "}, "refusal_text must be a non-empty string"),  # fail_closed would show a blank
+    ({"aligner_timeout_s": float("inf")}, "aligner_timeout_s"),  # an infinite timeout is a hang
+    ({"inspector_batch_wait_s": "nan"}, "inspector_batch_wait_s"),
+    ({"generation": '{"temprature": 0.5}'}, "unknown generation option 'temprature'"),
+    ({"generation": {"num_return_sequences": 2}}, "one correction per input"),
 ])
 def test_bad_settings_name_the_field(args, words):
     with pytest.raises(ValidationError, match=words):
@@ -190,6 +194,11 @@ def test_aligner_service_answers_every_pair(aligner_service):
     assert res[0].ok and res[0].text and res[1].ok
     assert not res[2].ok and "must be strings" in res[2].problem
     assert aligner_service.correct_pairs([]) == []
+
+
+def test_aligner_service_with_bad_generation_values_fails_to_start(tiny_dir):
+    with pytest.raises(ValueError, match="num_beams"):
+        AlignerService(str(tiny_dir), device="cpu", generation={"num_beams": 0})
 
 
 def test_aligner_service_deadline_gives_failed_results(tiny_dir):

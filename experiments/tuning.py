@@ -37,11 +37,12 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
     Rows the batch job could not score (``error`` set) are left out and counted; ``max_rows``
     keeps a label-stratified random sample, so a large file tunes in seconds.
     """
-    from inspector.data import read_table
+    from inspector.data import plain, read_table
     from pipeline.batch import extract_pair
 
     path = Path(path)
     df = read_table(path)
+    df.index = pd.RangeIndex(1, len(df) + 1)  # the file's row numbers, kept through filtering for errors
     notes: dict = {"data": str(path), "rows_in_file": int(len(df))}
     if label_col not in df.columns:
         raise ValueError(f"{path}: no {label_col!r} column; tuning needs labels (1 = misaligned, 0 = aligned)")
@@ -52,20 +53,21 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
     labels = pd.to_numeric(df[label_col], errors="coerce")
     if not labels.isin([0, 1]).all():
         i = int(np.flatnonzero(~labels.isin([0, 1]).to_numpy())[0])
-        raise ValueError(f"{path}: row {df.index[i]}: {label_col!r} must be 0 or 1, got {df[label_col].iloc[i]!r}")
-    df = df.assign(label=labels.astype(int)).reset_index(drop=True)
+        raise ValueError(f"{path}: row {df.index[i]}: {label_col!r} must be 0 or 1, "
+                         f"got {plain(df[label_col].iloc[i])!r}")
+    df = df.assign(label=labels.astype(int))
     if max_rows and len(df) > max_rows:
         frac = max_rows / len(df)
         keep = [g.sample(n=max(1, round(len(g) * frac)), random_state=seed).index
                 for _, g in df.groupby("label")]
-        df = df.loc[sorted(np.concatenate(keep))].reset_index(drop=True)
+        df = df.loc[sorted(np.concatenate(keep))]
         notes["sampled_rows"] = int(len(df))
     pairs = []
-    for i, row in enumerate(df.to_dict("records")):
+    for n, row in zip(df.index, df.to_dict("records")):
         try:
             pairs.append(extract_pair({k: v for k, v in row.items() if not _is_missing(v)}, query_col, answer_col))
         except ValueError as e:
-            raise ValueError(f"{path}: row {i}: {e}") from None
+            raise ValueError(f"{path}: row {n}: {e}") from None
     df = df.assign(query=[q for q, _ in pairs], answer=[a for _, a in pairs])
     if "source" not in df.columns:
         df = df.assign(source=path.stem)
@@ -83,7 +85,7 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
     if notes["misaligned"] == 0 or notes["aligned"] == 0:
         raise ValueError(f"{path}: tuning needs both labels; got {notes['misaligned']} misaligned "
                          f"and {notes['aligned']} aligned rows")
-    return df[["query", "answer", "label", "source", "inspector_score"]], notes
+    return df[["query", "answer", "label", "source", "inspector_score"]].reset_index(drop=True), notes
 
 
 def _is_missing(v) -> bool:

@@ -59,9 +59,15 @@ def read_table(path: str | Path) -> pd.DataFrame:
     raise ValueError(f"{path}: unsupported format {suffix!r}; expected one of {', '.join(FORMATS)}")
 
 
+def plain(value):
+    """A cell as Python shows it in an error message: 7, not np.int64(7)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def validate_pairs(df: pd.DataFrame, where: str, need_label: bool = True,
                    query_col: str = "query", answer_col: str = "answer") -> pd.DataFrame:
-    """Check columns and types; the error names the file, row and field at fault."""
+    """Check columns and types; the error names the file, row (1 = the first data row, as in the batch
+    job's errors) and field at fault."""
     if len(df) == 0:
         raise ValueError(f"{where}: no rows")
     need = [query_col, answer_col] + (["label"] if need_label else [])
@@ -72,15 +78,15 @@ def validate_pairs(df: pd.DataFrame, where: str, need_label: bool = True,
         bad = ~df[col].map(lambda v: isinstance(v, str) and v.strip() != "")
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(f"{where}: row {i}: field {col!r} must be a non-empty string, "
-                             f"got {df[col].iloc[i]!r}")
+            raise ValueError(f"{where}: row {i + 1}: field {col!r} must be a non-empty string, "
+                             f"got {plain(df[col].iloc[i])!r}")
     if need_label:
         labels = pd.to_numeric(df["label"], errors="coerce")
         bad = ~labels.isin([0, 1])
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(f"{where}: row {i}: field 'label' must be 0 (aligned) or 1 "
-                             f"(misaligned), got {df['label'].iloc[i]!r}")
+            raise ValueError(f"{where}: row {i + 1}: field 'label' must be 0 (aligned) or 1 "
+                             f"(misaligned), got {plain(df['label'].iloc[i])!r}")
         df = df.assign(label=labels.astype(int))
     return df
 

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if bool(args.data) == bool(args.test_split):
         ap.error("give exactly one of --data FILE... or --test-split DIR")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # NaN included
+        ap.error(f"--threshold must be a probability in [0, 1], got {args.threshold}")
     if args.bootstrap < 0:
         ap.error(f"--bootstrap must be a number of resamples >= 0, got {args.bootstrap}")
     try:

@@ -118,6 +118,15 @@ def test_load_scored_reads_batch_output_without_rescoring(tmp_path):
     pd.DataFrame([{"query": "q", "answer": "a"}]).to_json(tmp_path / "nolabel.jsonl", orient="records", lines=True)
     with pytest.raises(ValueError, match="no 'label' column"):
         tuning.load_scored(tmp_path / "nolabel.jsonl")
+    # errors name the file's row (from 1), also after rows with errors were left out
+    rows[3] = {"query": "q4", "answer": "", "label": 1, "inspector_score": 0.4, "error": None}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="scored.jsonl: row 4: "):
+        tuning.load_scored(path)
+    rows[3] = {"query": "q4", "answer": "a4", "label": 7, "inspector_score": 0.4, "error": None}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="scored.jsonl: row 4: 'label' must be 0 or 1, got 7"):
+        tuning.load_scored(path)
 
 
 # ------------------------------------------------------------------------------ report

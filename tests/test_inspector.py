@@ -351,7 +351,7 @@ def test_train_cli_names_the_bad_row(tmp_path):
     res = subprocess.run([sys.executable, "-m", "inspector.train", "--data", str(bad), "--out",
                           str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert res.returncode != 0
-    assert "row 1" in res.stderr and "'label'" in res.stderr
+    assert "bad.csv: row 2: field 'label' must be 0 (aligned) or 1 (misaligned), got 7" in res.stderr  # rows count from 1, as in pipeline.batch
     res = subprocess.run([sys.executable, "-m", "inspector.train", "--data", str(bad), "--out", str(tmp_path / "o"),
                           "--holdout-epochs", "0"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert res.returncode == 2 and "--holdout-epochs must be at least 1" in res.stderr

@@ -65,6 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_backend_options(args) -> None:
+    """The backend's numbers, checked before anything loads (a negative backoff used to end the
+    run at its first retry)."""
+    import math
+
+    checks = {"--batch-size": (args.batch_size, 1), "--concurrency": (args.concurrency, 1),
+              "--max-retries": (args.max_retries, 0), "--timeout": (args.timeout, None),
+              "--backoff": (args.backoff, 0)}
+    for name, (value, least) in checks.items():
+        if not math.isfinite(value) or (value <= 0 if least is None else value < least):
+            want = "a number of seconds > 0" if least is None else f"at least {least}"
+            raise ValueError(f"{name} must be {want}, got {value}")
+
+
 def main(argv: list[str] | None = None, embedder=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -81,13 +95,18 @@ def main(argv: list[str] | None = None, embedder=None) -> int:
     from .generate import GenerateConfig, Interrupted, export, generate
 
     if args.cmd == "export":
-        print(json.dumps(export(args.out, args.inspector_out, args.aligner_out), indent=2))
+        try:
+            print(json.dumps(export(args.out, args.inspector_out, args.aligner_out), indent=2))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
 
     from .filters import Embedder
 
     backend = None
     try:
+        _check_backend_options(args)
         criterion = load_criterion(args.criterion)
         cfg = GenerateConfig(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, min_chars=args.min_chars,
@@ -98,16 +117,19 @@ def main(argv: list[str] | None = None, embedder=None) -> int:
         backend = make_backend(args.backend, model=args.model, batch_size=args.batch_size,
                                concurrency=args.concurrency, timeout=args.timeout,
                                max_retries=args.max_retries, backoff=args.backoff, device=args.device)
+        if embedder is None:
+            embedder = Embedder(args.embedder)
+            embedder.encode(["check"])  # a wrong --embedder fails now, not after the LLM calls
         summary = generate(criterion, backend, args.out, cfg, queries=args.queries,
                            query_field=args.query_field, shuffle_queries=args.shuffle,
                            inspector_out=args.inspector_out, aligner_out=args.aligner_out,
-                           embedder=embedder or Embedder(args.embedder), progress=not args.no_progress)
+                           embedder=embedder, progress=not args.no_progress)
     except KeyboardInterrupt as e:  # Interrupted (main loop) or a plain one (self-instruct, loading)
         if not isinstance(e, Interrupted):
             print("interrupted before the main loop; the self-instruct pool so far is saved", file=sys.stderr)
         print("interrupted: finished rows are saved; rerun the same command to continue", file=sys.stderr)
         return 130
-    except (CriterionError, QueryFileError, BackendError, ValueError) as e:
+    except (CriterionError, QueryFileError, BackendError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -55,6 +56,26 @@ class GenerateConfig:
     retry_failed: bool = False
     questions_per_topic: int = 5
     chunk_size: int | None = None  # default: the backend's
+
+    def __post_init__(self):
+        """Refuse settings that would silently disable a filter or fail later in the run."""
+        def check(name, ok, want):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+                raise ValueError(f"{name} must be {want}, got {value!r}")
+
+        check("n", lambda v: v >= 1, "at least 1")
+        check("max_new_tokens", lambda v: v >= 1, "at least 1")
+        check("temperature", lambda v: v >= 0, "a number >= 0")
+        check("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        for name in ("near_dup_threshold", "similarity_threshold"):
+            check(name, lambda v: 0 < v <= 1, "a cosine similarity in (0, 1]")
+        check("min_query_chars", lambda v: v >= 0, "at least 0")
+        check("max_query_chars", lambda v: v >= self.min_query_chars, "at least min_query_chars")
+        check("min_chars", lambda v: v >= 0, "at least 0")
+        check("max_chars", lambda v: v >= self.min_chars, "at least min_chars")
+        check("questions_per_topic", lambda v: v >= 1, "at least 1")
+        check("chunk_size", lambda v: v is None or v >= 1, "at least 1")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -227,13 +248,34 @@ def training_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return inspector, aligner
 
 
+def output_paths(out: str | Path, inspector_out: str | Path | None = None,
+                 aligner_out: str | Path | None = None) -> tuple[Path, Path]:
+    """The inspector and aligner files for journal ``out``; refuses a clash, which would overwrite
+    the journal (every generated record) or one output with the other."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the journal's file name, e.g. {out / 'harm.jsonl'}")
+    paths = {"--out (the journal)": out,
+             "--inspector-out": Path(inspector_out) if inspector_out else sibling(out, "inspector"),
+             "--aligner-out": Path(aligner_out) if aligner_out else sibling(out, "aligner"),
+             "the self-instruct query pool": sibling(out, "queries")}
+    seen: dict[Path, str] = {}
+    for name, path in paths.items():
+        key = path.expanduser().resolve()
+        if key in seen:
+            raise ValueError(f"{name} and {seen[key]} are the same file ({path}); give each its own")
+        seen[key] = name
+    return paths["--inspector-out"], paths["--aligner-out"]
+
+
 def export(out: str | Path, inspector_out: str | Path | None = None,
            aligner_out: str | Path | None = None) -> dict:
     """Rebuild the derived training files from a journal; returns their paths and row counts."""
+    ip, ap = output_paths(out, inspector_out, aligner_out)
+    if not Path(out).is_file():
+        raise ValueError(f"journal {out} not found: give the --out of an earlier `python -m synth generate`")
     records = list(Journal(out).load().values())
     ins, ali = training_rows(records)
-    ip = Path(inspector_out) if inspector_out else sibling(out, "inspector")
-    ap = Path(aligner_out) if aligner_out else sibling(out, "aligner")
     write_jsonl_atomic(ip, ins)
     write_jsonl_atomic(ap, ali)
     return {"inspector": str(ip), "aligner": str(ap), "inspector_rows": len(ins), "aligner_rows": len(ali)}
@@ -284,6 +326,7 @@ def generate(criterion: str | Criterion, backend: Backend, out: str | Path,
     c = criterion if isinstance(criterion, Criterion) else load_criterion(criterion)
     embedder = embedder or Embedder()
     out = Path(out)
+    output_paths(out, inspector_out, aligner_out)  # a clash is refused before any generation
     journal = Journal(out)
     existing = journal.load()
     others = {r.get("criterion") for r in existing.values()} - {c.name}

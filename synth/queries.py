@@ -41,9 +41,17 @@ def load_queries(path: str | Path, field: str = "query", limit: int | None = Non
     if not path.is_file():
         raise QueryFileError(f"queries file not found: {path}")
     stop = None if shuffle_seed is not None else limit
+    try:
+        return _read_queries(path, field, stop, limit, shuffle_seed)
+    except UnicodeDecodeError as e:
+        raise QueryFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def _read_queries(path: Path, field: str, stop: int | None, limit: int | None,
+                  shuffle_seed: int | None) -> list[str]:
     out: list[str] = []
     suffix = path.suffix.lower()
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's BOM is not part of a name
         if suffix in (".jsonl", ".json", ".ndjson"):
             for i, line in enumerate(f, 1):
                 if stop is not None and len(out) >= stop:

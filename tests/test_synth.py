@@ -580,6 +580,47 @@ def test_query_files(tmp_path):
         load_queries(tmp_path / "bad.jsonl")
     with pytest.raises(QueryFileError, match="no column 'query'"):
         load_queries(tmp_path / "q.csv")
+    (tmp_path / "excel.csv").write_bytes("\ufeffquery,id\nfirst?,1\n".encode("utf-8"))  # a BOM
+    assert load_queries(tmp_path / "excel.csv") == ["first?"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ouvert?\n".encode("latin-1"))
+    with pytest.raises(QueryFileError, match="latin1.txt: not UTF-8 text"):
+        load_queries(tmp_path / "latin1.txt")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("n", -2, "n must be at least 1"), ("max_new_tokens", 0, "max_new_tokens must be at least 1"),
+    ("near_dup_threshold", float("nan"), "near_dup_threshold must be a cosine"),
+    ("similarity_threshold", 1.5, "similarity_threshold must be a cosine"),
+    ("temperature", float("nan"), "temperature must be"), ("max_chars", 5, "max_chars must be at least min_chars"),
+])
+def test_config_refuses_settings_that_would_break_or_disable_a_step(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        GenerateConfig(**{field: value})
+
+
+def test_outputs_that_would_overwrite_the_journal_are_refused(llm, embedder, tmp_path, capsys):
+    from synth.cli import main
+
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("\n".join(QUESTIONS[:2]) + "\n")
+    out = tmp_path / "c.jsonl"
+    base = ["generate", "--criterion", "helpfulness", "--backend", f"openai:{llm.url}", "--queries", str(qfile),
+            "--n", "2", "--out", str(out), "--no-progress", "--backoff", "0.01"]
+    assert main(base + ["--inspector-out", str(out)], embedder=embedder) == 2
+    assert "--inspector-out and --out (the journal) are the same file" in capsys.readouterr().err
+    assert not out.exists() and sum(llm.calls.values()) == 0  # refused before any generation
+    assert main(base + ["--aligner-out", str(tmp_path / "x.jsonl"), "--inspector-out", str(tmp_path / "x.jsonl")],
+                embedder=embedder) == 2
+    assert main(base, embedder=embedder) == 0
+    before = out.read_text()
+    assert main(["export", "--out", str(out), "--aligner-out", str(out)]) == 2
+    assert out.read_text() == before  # the journal is intact
+    assert main(["export", "--out", str(tmp_path / "typo.jsonl")]) == 2
+    assert "journal" in capsys.readouterr().err and not (tmp_path / "typo.inspector.jsonl").exists()
+    assert main(base + ["--backoff", "-1"], embedder=embedder) == 2
+    assert "--backoff must be at least 0" in capsys.readouterr().err
+    assert main([str(tmp_path) if a == str(out) else a for a in base], embedder=embedder) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_queries_from_the_shared_prompts_file(llm, embedder, tmp_path, shared_data):

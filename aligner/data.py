@@ -33,22 +33,23 @@ def text_key(text: str) -> str:
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read JSONL / JSON / CSV / Parquet into a DataFrame (format from the file extension)."""
+    from inspector.data import read_table as read_plain_table
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
-    if suffix in (".jsonl", ".jsonl.gz", ".ndjson"):
-        try:
+    if not suffix.endswith(".gz"):  # the inspector's reader: errors name the file and line, CSV fields counted
+        return read_plain_table(path)
+    try:
+        if suffix == ".jsonl.gz":
             return pd.read_json(path, lines=True, dtype=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not valid JSON Lines ({exc})") from None
-    if suffix == ".json":
-        return pd.read_json(path, dtype=False)
-    if suffix in (".csv", ".csv.gz"):
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    raise ValueError(f"{path}: unsupported format {suffix!r}; expected .jsonl, .json, .csv or .parquet")
+        if suffix == ".csv.gz":
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise ValueError(f"{path}: cannot read it ({exc})") from None
+    raise ValueError(f"{path}: unsupported format {suffix!r}; expected .jsonl, .json, .csv or .parquet "
+                     f"(.jsonl.gz, .csv.gz also)")
 
 
 def _check_text(path, i, col, value) -> str:

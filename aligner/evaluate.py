@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import read_table, read_train_keys, text_key
+from .options import check_ranges
 
 
 def load_eval_rows(path, train_keys: set[str]) -> tuple[list[dict], dict]:
@@ -41,10 +42,12 @@ def load_eval_rows(path, train_keys: set[str]) -> tuple[list[dict], dict]:
         if isinstance(ref, str) and ref.strip():
             row["reference"] = ref
         if "label" in df.columns:
-            try:
-                row["label"] = int(float(rec["label"]))
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: row {i + 1}: label must be 0 or 1, got {rec['label']!r}") from None
+            label = str(rec["label"]).strip().lower()
+            label = {"0": 0, "0.0": 0, "false": 0, "1": 1, "1.0": 1, "true": 1}.get(label)
+            if label is None:
+                raise ValueError(f"{path}: row {i + 1}: label must be 0 (benign) or 1 (harmful), "
+                                 f"got {rec['label']!r}")
+            row["label"] = label
         rows.append(row)
     return rows, {"rows_in_file": len(df), "rows_left_out_trained_on": trained, "rows_left_out_invalid": invalid}
 
@@ -126,7 +129,8 @@ def main(argv=None) -> dict:
     p.add_argument("--model", required=True, help="aligner folder or HF id")
     p.add_argument("--data", required=True, help="JSONL/CSV/Parquet with query, answer (+ label)")
     p.add_argument("--inspector", default=None, help="inspector folder (default: the bundled one)")
-    p.add_argument("--limit", type=int, default=200, help="at most this many harmful and this many benign rows")
+    p.add_argument("--limit", type=int, default=200,
+                   help="at most this many harmful and this many benign rows (0: all rows)")
     p.add_argument("--keep-threshold", type=float, default=0.8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -136,6 +140,10 @@ def main(argv=None) -> dict:
     p.add_argument("--include-trained", action="store_true", help="also score rows whose query trained the model")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    check_ranges(p, args, {"limit": (0, None, False), "keep_threshold": (0, 1, False), "batch_size": (1, None, False),
+                           "max_new_tokens": (1, None, False), "threads": (1, None, False)})
+    if args.out and not Path(args.out).parent.is_dir():  # said now, not after the evaluation
+        p.error(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
 
     if args.threads:
         import torch

@@ -150,14 +150,23 @@ def _read_aligner_config(id_or_path: str) -> dict:
     path = Path(id_or_path)
     if path.is_dir():
         f = path / CONFIG_NAME
-        return json.loads(f.read_text()) if f.exists() else {}
-    try:  # a hub id: the file may sit in the local cache (we never download here: HF_HUB_OFFLINE)
-        from transformers.utils import cached_file
+        f = f if f.exists() else None
+    else:
+        try:  # a hub id: the file may sit in the local cache (we never download here: HF_HUB_OFFLINE)
+            from transformers.utils import cached_file
 
-        f = cached_file(id_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
-    except Exception:
-        f = None
-    return json.loads(Path(f).read_text()) if f else {}
+            f = cached_file(id_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+        except Exception:
+            f = None
+    if not f:
+        return {}
+    try:
+        cfg = json.loads(Path(f).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{f}: not valid JSON ({exc}); it should be the file Aligner.save wrote") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def _max_positions(config) -> int | None:
@@ -220,9 +229,12 @@ class Aligner:
         self.template = validate_template(template or DEFAULT_TEMPLATE)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         prepare_special_tokens(model, tokenizer)
-        self.max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+        for name, value in (("max_new_tokens", max_new_tokens), ("max_input_tokens", max_input_tokens)):
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 (or None for the default), got {value!r}")
+        self.max_new_tokens = int(DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
         limit = _max_positions(model.config)
-        wanted = int(max_input_tokens or DEFAULT_MAX_INPUT_TOKENS)
+        wanted = int(DEFAULT_MAX_INPUT_TOKENS if max_input_tokens is None else max_input_tokens)
         if limit is not None:
             # a causal model's positions hold prompt and correction together
             room = limit if self.is_encoder_decoder else limit - self.max_new_tokens
@@ -282,10 +294,14 @@ class Aligner:
         tokenizer = AutoTokenizer.from_pretrained(name)
         gen = dict(saved.get("generation", {}))
         gen.update(generation or {})
+        if max_input_tokens is None:
+            max_input_tokens = saved.get("max_input_tokens")
+        if max_new_tokens is None:
+            max_new_tokens = saved.get("max_new_tokens")
         return cls(model, tokenizer,
                    template=template or saved.get("template"),
-                   max_input_tokens=max_input_tokens or saved.get("max_input_tokens"),
-                   max_new_tokens=max_new_tokens or saved.get("max_new_tokens"),
+                   max_input_tokens=max_input_tokens,
+                   max_new_tokens=max_new_tokens,
                    generation=gen,
                    extra_config={k: v for k, v in saved.items()
                                  if k not in ("template", "max_input_tokens", "max_new_tokens", "generation")})
@@ -326,6 +342,9 @@ class Aligner:
         Never raises for one bad item: an input that cannot be encoded, a batch whose generation
         fails, or a deadline (``timeout_s`` for the whole call) passed give ``ok=False`` results.
         """
+        if isinstance(queries, str) or isinstance(answers, str):
+            raise TypeError("queries and answers must be lists of strings (one pair: [query], [answer]), "
+                            "not a single string")
         queries, answers = list(queries), list(answers)
         if len(queries) != len(answers):
             raise ValueError(f"got {len(queries)} queries but {len(answers)} answers")

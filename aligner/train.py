@@ -27,6 +27,7 @@ import torch
 from .data import Row, default_data_files, load_rows, split_by_query, write_split
 from .model import (GENERATION_HEADS, Aligner, check_generation_keys, encode_prompt, eos_token_id,
                     prepare_special_tokens, resolve_device)
+from .options import check_ranges
 from .template import DEFAULT_TEMPLATE, build_prompt, validate_template
 
 IGNORE = -100
@@ -35,7 +36,20 @@ RECIPE_KEYS = ("data", "identity", "data_dir", "exclude_source", "base", "decode
                "max_input_tokens", "max_target_tokens", "batch_size", "grad_accum", "epochs",
                "max_steps", "identity_warmup", "lr", "warmup_ratio", "weight_decay", "lora",
                "lora_r", "lora_alpha", "lora_dropout", "eval_share", "seed", "generation",
-               "freeze_encoder", "max_identity_ratio")
+               "freeze_encoder", "max_identity_ratio", "max_grad_norm")
+# how the run is carried out: a resumed run takes the saved values unless given again
+RUN_KEYS = ("recipe", "max_minutes", "threads", "eval_rows", "eval_every", "save_every", "keep_checkpoints",
+            "gradient_checkpointing", "no_bf16", "device")
+# (lowest, highest, lowest excluded): None = open; options left unset (None) are not checked;
+# --eval-every / --save-every 0 turn periodic evaluation / checkpoints off, --keep-checkpoints 0 keeps all
+RANGES = {"batch_size": (1, None, False), "grad_accum": (1, None, False), "max_input_tokens": (16, None, False),
+          "max_target_tokens": (1, None, False), "decoder_layers": (1, None, False), "max_steps": (1, None, False),
+          "epochs": (0, None, True), "lr": (0, None, True), "warmup_ratio": (0, 1, False),
+          "identity_warmup": (0, 1, False), "weight_decay": (0, None, False), "max_grad_norm": (0, None, True),
+          "lora_r": (1, None, False), "lora_alpha": (1, None, False), "lora_dropout": (0, 1, False),
+          "max_identity_ratio": (0, None, False), "eval_share": (0, 0.95, False), "eval_rows": (1, None, False),
+          "eval_every": (0, None, False), "save_every": (0, None, False), "keep_checkpoints": (0, None, False),
+          "max_minutes": (0, None, True), "threads": (1, None, False)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -206,6 +220,10 @@ def gather_rows(args) -> tuple[list[Row], dict]:
     for kind, fs in files.items():
         for f in fs:
             rows += load_rows(f, kind)
+    if args.exclude_source:  # before the identity cap: the cap counts the corrections that are trained on
+        before = len(rows)
+        rows = [r for r in rows if r.source not in set(args.exclude_source)]
+        print(f"[aligner.train] --exclude-source left out {before - len(rows)} rows")
     if args.max_identity_ratio is not None:
         corr = [r for r in rows if r.kind == "correction"]
         ident = [r for r in rows if r.kind == "identity"]
@@ -214,10 +232,8 @@ def gather_rows(args) -> tuple[list[Row], dict]:
             ident = random.Random(args.seed).sample(ident, cap)
             print(f"[aligner.train] --max-identity-ratio: kept {cap} of the identity rows")
         rows = corr + ident
-    if args.exclude_source:
-        before = len(rows)
-        rows = [r for r in rows if r.source not in set(args.exclude_source)]
-        print(f"[aligner.train] --exclude-source left out {before - len(rows)} rows")
+    if not rows:
+        raise SystemExit("no training rows left (check --exclude-source and --max-identity-ratio)")
     return rows, files
 
 
@@ -271,7 +287,14 @@ def train(args) -> Path:
           f"{sum(r.kind == 'identity' for r in train_rows)} identity), {len(eval_rows)} held out")
 
     device = resolve_device(args.device)
-    model, tokenizer, how = build_base_model(args.base, args.decoder_layers)
+    try:
+        model, tokenizer, how = build_base_model(args.base, args.decoder_layers)
+    except OSError as exc:
+        raise SystemExit(f"--base {args.base}: cannot load it ({exc})") from None
+    # template, limits and generation settings as the saved aligner will hold them: checked now
+    # (one generated token), not after the training run
+    Aligner(model, tokenizer, template=template, max_input_tokens=args.max_input_tokens,
+            max_new_tokens=args.max_target_tokens, generation=generation)
     is_enc_dec = bool(model.config.is_encoder_decoder)
     print(f"[aligner.train] base {args.base}: {how}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, device {device}")
@@ -473,9 +496,9 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--no-bf16", action="store_true", default=False, help="train in fp32 on GPU too")
     add("--eval-share", type=float, default=0.05, help="share of queries held out (never trained on)")
     add("--eval-rows", type=int, default=200, help="held-out rows used for the evaluation loss")
-    add("--eval-every", type=int, default=200)
-    add("--save-every", type=int, default=200)
-    add("--keep-checkpoints", type=int, default=2)
+    add("--eval-every", type=int, default=200, help="steps between held-out evaluations (0: only at the end)")
+    add("--save-every", type=int, default=200, help="steps between checkpoints (0: none but the time cap's)")
+    add("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     add("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     add("--generation", default="{}", help="JSON generation defaults stored with the model")
     add("--threads", type=int, default=None,
@@ -493,6 +516,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if known.recipe:
         parser.set_defaults(**RECIPES[known.recipe])
     args = parser.parse_args(argv)
+    check_ranges(parser, args, RANGES)
     if isinstance(args.generation, str):  # checked before the training run, not after it
         try:
             gen = json.loads(args.generation)
@@ -511,10 +535,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if clash:
             raise SystemExit(f"--resume: these options differ from the saved run {saved}: {clash}")
         for k, v in recipe.items():
-            setattr(args, k, v)
+            if k in RECIPE_KEYS or (k in RUN_KEYS and k not in explicit):  # e.g. the recipe's 40-min cap
+                setattr(args, k, v)
     elif not args.resume:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({k: getattr(args, k) for k in RECIPE_KEYS}, indent=1))
+        saved.write_text(json.dumps({k: getattr(args, k) for k in RECIPE_KEYS + RUN_KEYS}, indent=1))
     return args
 
 

@@ -19,9 +19,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    suffix = path.suffix.lower()
+    suffix = {".ndjson": ".jsonl", ".pq": ".parquet"}.get(path.suffix.lower(), path.suffix.lower())
     if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8-sig")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array of objects
             try:
                 rows = json.loads(text)
@@ -44,6 +47,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
             rows.append(row)
         return pd.DataFrame(rows)
     if suffix == ".csv":
+        _check_csv_fields(path)
         try:
             columns = pd.read_csv(path, nrows=0).columns
             # text stays text ("4" is an answer, not a number); labels may be 0/1 or True/False
@@ -57,6 +61,24 @@ def read_table(path: str | Path) -> pd.DataFrame:
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read Parquet ({e})") from None
     raise ValueError(f"{path}: unsupported format {suffix!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _check_csv_fields(path: Path) -> None:
+    """Every record has the header's number of fields. pandas reads a row with one field too many
+    (an unquoted comma) by shifting every value one column to the left, silently."""
+    import csv
+
+    csv.field_size_limit(2**31 - 1)  # long answers are fine
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            for record in reader:
+                if record and header and len(record) != len(header):
+                    raise ValueError(f"{path}: line {reader.line_num}: {len(record)} fields, but the header has "
+                                     f"{len(header)} ({', '.join(header)}); quote fields that contain commas")
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read CSV ({e})") from None
 
 
 def plain(value):

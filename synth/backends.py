@@ -86,7 +86,8 @@ class HFBackend(Backend):
         self.batch_size = max(1, batch_size)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError(f"--device {self.device}: no CUDA GPU is available here; use --device cpu")
+            raise BackendError(f"--device {self.device}: no CUDA GPU is available here; "
+                               f"use --device cpu")
         try:
             config = AutoConfig.from_pretrained(model)
             self.tokenizer = AutoTokenizer.from_pretrained(model)

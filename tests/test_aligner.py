@@ -151,6 +151,20 @@ def test_bad_generation_settings_fail_at_load_with_the_option_named(tiny_dirs):
 def test_unknown_generation_option_in_a_call_is_the_callers_error(causal):
     with pytest.raises(ValueError, match="unknown generation option 'max_new_token'"):
         causal.correct_detailed(QUERIES, ANSWERS, max_new_token=5)
+    with pytest.raises(TypeError, match="lists of strings"):
+        causal.correct("How?", "Like this.")  # not one correction per character
+
+
+def test_bad_limits_and_a_corrupt_config_are_refused(tiny_dirs, tmp_path):
+    for kw in ({"max_new_tokens": 0}, {"max_new_tokens": -5}, {"max_input_tokens": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a whole number >= 1"):
+            Aligner.load(tiny_dirs["causal"], device="cpu", **kw)
+    import shutil
+
+    broken = shutil.copytree(tiny_dirs["causal"], tmp_path / "broken")
+    (broken / "aligner_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="aligner_config.json: not valid JSON"):
+        Aligner.load(broken, device="cpu")
 
 
 def test_bad_template_is_rejected(tiny_dirs):
@@ -302,6 +316,20 @@ def test_load_rows_reads_jsonl_csv_parquet(tmp_path):
         rows = load_rows(tmp_path / name)
         assert [(r.query, r.answer, r.correction, r.kind) for r in rows] == [
             ("q1", "a1", "c1", "correction"), ("q2", "a2", "c2", "correction")]
+
+
+def test_csv_row_with_an_extra_field_is_an_error_not_a_shifted_row(tmp_path):
+    bad = tmp_path / "m.csv"
+    bad.write_text("query,answer,correction\nq1,a1,c1,x\nq2,a2,c2\n")
+    with pytest.raises(ValueError, match=r"m.csv: line 2: 4 fields, but the header has 3"):
+        load_rows(bad)
+    good = tmp_path / "g.csv"
+    good.write_text('query,answer,correction\n"q1, with a comma",a1,c1\n')
+    assert load_rows(good)[0].query == "q1, with a comma"
+    for name, text in (("bad.json", '[{"query": 1'), ("line.jsonl", "[1, 2, 3]\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=name):
+            load_rows(tmp_path / name)
 
 
 def test_load_rows_errors_name_file_row_and_field(tmp_path, capsys):

@@ -105,7 +105,9 @@ def test_resume_continues_exactly_where_it_stopped(bases, data, tmp_path):
     first = json.loads((resumed / "aligner_config.json").read_text())["training"]
     assert first["stopped_early"] and first["steps_done"] == 1
     assert (resumed / "checkpoints" / "step-1" / "optimizer.pt").exists()
-    main(["--out", str(resumed), "--resume"])
+    main(["--out", str(resumed), "--resume"])  # the saved time cap holds again: one more step
+    assert json.loads((resumed / "aligner_config.json").read_text())["training"]["steps_done"] == 2
+    main(["--out", str(resumed), "--resume", "--max-minutes", "60"])  # a cap given again wins
     assert json.loads((resumed / "aligner_config.json").read_text())["training"]["steps_done"] == 4
     assert [r["step"] for r in _log(resumed) if "phase" in r] == [1, 2, 3, 4]
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -142,6 +144,15 @@ def test_evaluation_rows_skip_trained_queries(tmp_path):
                   "label": [1, 0, 1]}).to_json(f, orient="records", lines=True)
     rows, counts = load_eval_rows(f, {text_key("Seen   Q")})
     assert [r["query"] for r in rows] == ["new q", "other q"] and counts["rows_left_out_trained_on"] == 1
+    pd.DataFrame({"query": ["q1", "q2"], "answer": ["a", "b"], "label": [1, 2]}).to_json(
+        f, orient="records", lines=True)
+    with pytest.raises(ValueError, match="row 2: label must be 0 .* got 2"):  # not counted as benign
+        load_eval_rows(f, set())
+    from aligner.evaluate import main as evaluate_main
+
+    for option, value in (("--keep-threshold", "nan"), ("--limit", "-1"), ("--batch-size", "0")):
+        with pytest.raises(SystemExit):  # before any model loads
+            evaluate_main(["--model", "none", "--data", str(f), option, value])
 
 
 def test_evaluate_report_with_the_real_inspector(bases, tmp_path):
@@ -183,3 +194,52 @@ def test_bad_generation_option_is_refused_before_training(tmp_path, capsys):
             parse_args(["--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--generation", bad])
         assert words in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--lr", "nan", "--lr must be > 0, got nan"), ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--grad-accum", "0", "--grad-accum must be >= 1"), ("--max-steps", "-3", "--max-steps must be >= 1"),
+    ("--epochs", "inf", "--epochs must be > 0"), ("--max-identity-ratio", "-1", "--max-identity-ratio must be >= 0"),
+    ("--eval-share", "1.5", "--eval-share must be >= 0 and <= 0.95"), ("--threads", "-1", "--threads must be >= 1"),
+])
+def test_out_of_range_numbers_are_refused_before_anything_loads(tmp_path, capsys, option, value, words):
+    from aligner.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), option, value])
+    assert words in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_resume_keeps_the_run_options_of_the_recipe(tmp_path):
+    from aligner.train import parse_args
+
+    out = str(tmp_path / "o")
+    fresh = parse_args(["--recipe", "cpu-small", "--data-dir", str(tmp_path), "--out", out])
+    resumed = parse_args(["--out", out, "--resume"])
+    for key in ("max_minutes", "threads", "save_every", "eval_every", "eval_rows", "recipe"):
+        assert getattr(resumed, key) == getattr(fresh, key), key
+    assert fresh.max_minutes == 40  # the documented cap holds for `make aligner-resume` too
+    assert parse_args(["--out", out, "--resume", "--max-minutes", "5"]).max_minutes == 5  # given again: wins
+
+
+def test_source_exclusion_comes_before_the_identity_cap(tmp_path, capsys):
+    from aligner.train import gather_rows, parse_args
+
+    pd.DataFrame({"query": [f"q{i}" for i in range(8)], "answer": ["a"] * 8, "correction": ["c"] * 8,
+                  "source": ["keep"] * 4 + ["drop"] * 4}).to_json(tmp_path / "c.jsonl", orient="records", lines=True)
+    pd.DataFrame({"query": [f"s{i}" for i in range(20)], "answer": ["good"] * 20}).to_json(
+        tmp_path / "i.jsonl", orient="records", lines=True)
+    args = parse_args(["--data", str(tmp_path / "c.jsonl"), "--identity", str(tmp_path / "i.jsonl"),
+                       "--out", str(tmp_path / "o"), "--exclude-source", "drop", "--max-identity-ratio", "1"])
+    rows, _ = gather_rows(args)
+    assert sum(r.kind == "correction" for r in rows) == 4 and sum(r.kind == "identity" for r in rows) == 4
+    args.exclude_source = ["keep", "drop", "i"]
+    with pytest.raises(SystemExit, match="no training rows left"):
+        gather_rows(args)
+
+
+def test_generation_values_are_checked_before_training(bases, data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="num_beams"):
+        main(_args(bases["causal"], data, out, "--max-steps", "2", "--generation", '{"num_beams": 0}'))
+    assert not (out / "train_log.jsonl").exists() and not (out / "model.safetensors").exists()

@@ -272,15 +272,11 @@ def train(args) -> Path:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:  # a fresh run must not mix with an earlier run's log or checkpoints
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "train_log.jsonl").unlink(missing_ok=True)
     template = validate_template(args.template or DEFAULT_TEMPLATE)
     generation = json.loads(args.generation) if isinstance(args.generation, str) else dict(args.generation or {})
 
     rows, files = gather_rows(args)
     train_rows, eval_rows = split_by_query(rows, args.eval_share, seed=args.seed)
-    write_split(out, train_rows, eval_rows, files)
     identity_rows = [Row(r.query, r.answer, r.answer, "identity", r.source) for r in train_rows]
     print(f"[aligner.train] {len(train_rows)} training rows "
           f"({sum(r.kind == 'correction' for r in train_rows)} corrections, "
@@ -295,6 +291,10 @@ def train(args) -> Path:
     # (one generated token), not after the training run
     Aligner(model, tokenizer, template=template, max_input_tokens=args.max_input_tokens,
             max_new_tokens=args.max_target_tokens, generation=generation)
+    if not args.resume:  # a fresh run must not mix with an earlier run's log or checkpoints
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    write_split(out, train_rows, eval_rows, files)  # once the run can start: a refused run changes nothing
     is_enc_dec = bool(model.config.is_encoder_decoder)
     print(f"[aligner.train] base {args.base}: {how}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, device {device}")

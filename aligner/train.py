@@ -445,7 +445,7 @@ RECIPES = {
     "cpu-small": {
         "base": "minilm", "decoder_layers": 3, "freeze_encoder": True,
         "exclude_source": ["hh_rlhf_harmless_base_test"], "max_steps": 600, "lr": 2e-4,
-        "warmup_ratio": 0.05, "identity_warmup": 0.1, "max_identity_ratio": 1.0,
+        "warmup_ratio": 0.05, "identity_warmup": 0.1, "max_identity_ratio": 2.9,
         "max_input_tokens": 128, "max_target_tokens": 64, "batch_size": 8, "eval_every": 150,
         "save_every": 100, "eval_rows": 64, "threads": 1, "max_minutes": 40,
         "generation": json.dumps({"no_repeat_ngram_size": 3}),

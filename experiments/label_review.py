@@ -52,6 +52,8 @@ def load_review(path: str | Path = DEFAULT_REVIEW) -> pd.DataFrame:
         if label != agreed:
             raise ValueError(f"{path} line {i}: 'label' must be the readers' common label ({agreed}) "
                              f"or null when they disagree, got {row.label!r}")
+        if isinstance(row.dataset_label, bool) or row.dataset_label not in (0, 1):
+            raise ValueError(f"{path} line {i}: 'dataset_label' must be 0 or 1, got {row.dataset_label!r}")
         if row.split not in PARTS:
             raise ValueError(f"{path} line {i}: 'split' must be one of {PARTS}, got {row.split!r}")
     dup = df["pair_id"][df["pair_id"].duplicated()]

@@ -2,13 +2,15 @@
 
     python -m experiments.notebooks experiments/threshold_tuning.ipynb [--set TUNING_TARGET=recall>=0.9]
 
-Parameters reach the notebook as environment variables, which its first cell reads; the executed
-copy (with outputs) is written beside the outputs unless ``--save-to`` says otherwise.
+Parameters reach the notebook as environment variables, which its first cell reads (a name it does
+not read is refused, not ignored); relative paths are read from the directory the command runs in;
+``--save-to`` also writes the executed copy with its outputs.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,9 +30,19 @@ def ensure_kernel(name: str = KERNEL) -> None:
         install(prefix=sys.prefix, kernel_name=name)
 
 
-def run_notebook(path: str | Path, env: dict[str, str] | None = None, cwd: str | Path = REPO_ROOT,
+def parameter_names(path: str | Path) -> list[str]:
+    """The environment variables the notebook's code reads (``os.environ.get("NAME", ...)``)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    return sorted(set(re.findall(r"os\.environ\.get\(\s*[\"']([A-Za-z_][A-Za-z0-9_]*)[\"']", code)))
+
+
+def run_notebook(path: str | Path, env: dict[str, str] | None = None, cwd: str | Path | None = None,
                  save_to: str | Path | None = None, timeout: int = 600):
-    """Execute ``path`` top to bottom in a new kernel whose environment has ``env`` added;
+    """Execute ``path`` top to bottom in a new kernel whose environment has ``env`` added, in
+    ``cwd`` (default: the current directory, so relative paths mean what the caller meant);
     raises ``nbclient.exceptions.CellExecutionError`` (with the cell's traceback) on failure."""
     import nbformat
     from nbclient import NotebookClient
@@ -43,7 +55,7 @@ def run_notebook(path: str | Path, env: dict[str, str] | None = None, cwd: str |
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         NotebookClient(nb, timeout=timeout, kernel_name=KERNEL,
-                       resources={"metadata": {"path": str(cwd)}}).execute()
+                       resources={"metadata": {"path": str(cwd or Path.cwd())}}).execute()
     finally:
         for k, v in saved.items():
             if v is None:
@@ -64,13 +76,25 @@ def main(argv=None) -> int:
     ap.add_argument("--save-to", default=None, help="write the executed notebook here")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     args = ap.parse_args(argv)
+    if not Path(args.notebook).is_file():
+        ap.error(f"{args.notebook}: no such notebook")
+    known = parameter_names(args.notebook)
     env = {}
     for item in args.set:
         if "=" not in item:
             ap.error(f"--set {item!r}: expected NAME=VALUE")
         k, v = item.split("=", 1)
+        if k not in known:
+            ap.error(f"--set {k}: {args.notebook} does not read it; its parameters are {', '.join(known)}")
         env[k] = v
-    run_notebook(args.notebook, env, save_to=args.save_to, timeout=args.timeout)
+    from nbclient.exceptions import CellExecutionError
+
+    try:
+        run_notebook(args.notebook, env, save_to=args.save_to, timeout=args.timeout)
+    except CellExecutionError as e:  # one line, not the kernel's coloured traceback
+        ename, evalue = getattr(e, "ename", "Error"), re.sub(r"\x1b\[[0-9;]*m", "", str(getattr(e, "evalue", e)))
+        print(f"error: {args.notebook}: {ename}: {evalue}", file=sys.stderr)
+        return 2
     print(f"ran {args.notebook}" + (f" -> {args.save_to}" if args.save_to else ""), file=sys.stderr)
     return 0
 

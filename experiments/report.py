@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +154,8 @@ def plot_calibration(y, s, out: Path, n_bins: int = 10) -> tuple[Path, float]:
 
 def plot_recall_by_source(y, s, sources, threshold: float, out: Path, max_routed: float = 0.2) -> Path:
     """Recall against the share of aligned pairs routed, overall and per source, on the low-tax end
-    (up to ``max_routed``) where a router operates; each source's point at ``threshold`` is marked.
+    (up to ``max_routed``, further if a threshold point lies beyond) where a router operates; each
+    source's point at ``threshold`` is marked.
     Sources with one label only have no curve: their routed share is listed instead."""
     from sklearn.metrics import roc_curve
 
@@ -160,7 +163,7 @@ def plot_recall_by_source(y, s, sources, threshold: float, out: Path, max_routed
     y, s, sources = np.asarray(y).astype(int), np.asarray(s, dtype=float), np.asarray(sources).astype(str)
     groups = {"overall": np.ones(len(y), bool), **{name: sources == name for name in sorted(set(sources))}}
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
-    one_label = []
+    one_label, right = [], 100 * max_routed
     for i, (name, m) in enumerate(groups.items()):
         yi, si = y[m], s[m]
         at = binary_report(yi, si, threshold)
@@ -175,10 +178,11 @@ def plot_recall_by_source(y, s, sources, threshold: float, out: Path, max_routed
                         label=f"{name} ({at['positives']} misaligned / {at['negatives']} aligned)")
         ax.scatter([100 * at["benign_routed"]], [100 * at["recall"]], color=line.get_color(), s=45, zorder=5,
                    edgecolor="white")
+        right = max(right, min(100.0, 100 * at["benign_routed"] * 1.1 + 1))  # every dot stays in view
     ax.axvline(5, c="grey", ls=":", lw=1)
     ax.set(xlabel="aligned pairs routed to the aligner (%)", ylabel="misaligned pairs caught (%)",
            title=f"Recall vs. benign routed by source (dots: threshold {threshold:.3f})",
-           xlim=(0, 100 * max_routed), ylim=(0, 101))
+           xlim=(0, right), ylim=(0, 101))
     ax.legend(fontsize=7, loc="lower right")
     if one_label:
         ax.text(0.98, 0.25, "aligned-only sources at the threshold:\n" + "\n".join(one_label),
@@ -280,28 +284,35 @@ def _aligner_from_rows(p: Path, threshold: float, out: Path, worst: int) -> tupl
     from pipeline.batch import extract_pair
 
     df = read_table(p)
+    df.index = pd.RangeIndex(1, len(df) + 1)  # the file's rows, for errors
     need = {"inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback"}
     if not need <= set(df.columns):
         raise ValueError(f"{p}: missing {sorted(need - set(df.columns))}; expected the rows written by "
                          f"`python -m pipeline.batch ... --aligner MODEL`")
+    rows_in_file, errors = len(df), 0
     if "error" in df.columns:
-        df = df[df["error"].isna() | (df["error"].astype(str) == "")]
+        has_error = df["error"].notna() & (df["error"].astype(str) != "")
+        errors = int(has_error.sum())
+        df = df[~has_error]
     routed = df[df["flagged"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))].copy()
     if routed.empty:
         return (["## Aligner", "", f"`{p.name}`: no row was routed to the aligner.", ""],
                 {"evaluated": True, "routed": 0})
-    pairs = [extract_pair({k: v for k, v in r.items() if not tuning._is_missing(v)}) for r in routed.to_dict("records")]
+    pairs = []
+    for n, r in zip(routed.index, routed.to_dict("records")):
+        try:
+            pairs.append(extract_pair({k: v for k, v in r.items() if not tuning._is_missing(v)}))
+        except ValueError as e:
+            raise ValueError(f"{p}: row {n}: {e}") from None
     routed["query"], routed["answer"] = [q for q, _ in pairs], [a for _, a in pairs]
     fb = routed["fallback"].notna() & (routed["fallback"].astype(str) != "")
     cs = pd.to_numeric(routed["corrected_score"], errors="coerce")
     routed["outcome"] = np.where(fb, "fallback", np.where(cs < threshold, "passes re-inspection", "still flagged"))
     routed["after"] = cs
-    labelled = "label" in routed.columns
-    routed["truth"] = (np.where(pd.to_numeric(routed["label"]) == 1, "misaligned", "aligned") if labelled
-                       else "flagged (no label)")
+    routed["truth"] = _truths(p, routed)
     if "source" not in routed.columns:
         routed["source"] = p.stem
-    truths = ["aligned", "misaligned"] if labelled else ["flagged (no label)"]
+    truths = [t for t in ("aligned", "misaligned", "flagged (no label)") if (routed["truth"] == t).any()]
 
     def matrix(frame):
         return np.array([[int(((frame["truth"] == t) & (frame["outcome"] == o)).sum()) for o in ALIGNER_OUTCOMES]
@@ -337,7 +348,9 @@ def _aligner_from_rows(p: Path, threshold: float, out: Path, worst: int) -> tupl
     cols = ["source", "inspector_score", "after", "query", "answer", "correction"]
     lines = [
         "## Aligner", "",
-        f"From `{p.name}`: {len(routed)} routed pairs of {len(df)}. Each correction is re-scored by the "
+        f"From `{p.name}`: {len(routed)} routed pairs of {len(df)} scored rows"
+        f"{f' ({errors} of the file rows had an error and were left out)' if errors else ''}"
+        f". Each correction is re-scored by the "
         f"inspector; it *passes* below {threshold:.4f}. `fallback`: no usable correction (the pipeline's "
         f"fallback policy applied). `misaligned_fixed` is the share of misaligned routed answers whose "
         f"correction passes; `aligned_unchanged` the share of aligned routed answers left as they were.", "",
@@ -349,10 +362,24 @@ def _aligner_from_rows(p: Path, threshold: float, out: Path, worst: int) -> tupl
         f"### Aligned answers the aligner rewrote ({len(touched)} shown)", "",
         _examples(touched, cols, 120), "",
     ]
-    figures = {"evaluated": True, "kind": "rows", "routed": len(routed),
+    figures = {"evaluated": True, "kind": "rows", "routed": len(routed), "rows_in_file": rows_in_file,
+               "rows_with_errors_left_out": errors,
                "by_source": clean_json(table.to_dict("index")),
                "confusion": {k: v.tolist() for k, v in mats.items()}, "outcomes": ALIGNER_OUTCOMES, "truths": truths}
     return lines, figures
+
+
+def _truths(p: Path, routed: pd.DataFrame) -> np.ndarray:
+    """Each routed row's label as a word; a row without a label is "flagged (no label)", never aligned."""
+    if "label" not in routed.columns:
+        return np.full(len(routed), "flagged (no label)", dtype=object)
+    missing = routed["label"].map(tuning._is_missing) | (routed["label"].astype(str).str.strip() == "")
+    labels = pd.to_numeric(routed["label"].where(~missing), errors="coerce")
+    bad = ~missing & ~labels.isin([0, 1])
+    if bad.any():
+        n = routed.index[int(np.flatnonzero(bad.to_numpy())[0])]
+        raise ValueError(f"{p}: row {n}: 'label' must be 0, 1 or empty, got {routed.loc[n, 'label']!r}")
+    return np.where(missing, "flagged (no label)", np.where(labels == 1, "misaligned", "aligned"))
 
 
 def _plot_before_after(routed: pd.DataFrame, threshold: float, out: Path) -> Path:
@@ -376,9 +403,25 @@ def _plot_before_after(routed: pd.DataFrame, threshold: float, out: Path) -> Pat
 def build_report(data: list[str], out_dir: str | Path, inspector: str | None = None, threshold: float | None = None,
                  aligner_eval: str | None = None, max_rows: int | None = None, worst: int = 5,
                  command: str | None = None) -> Path:
-    """Write ``out_dir/report.md`` (+ PNGs, ``report.json``); returns the Markdown path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``out_dir/report.md`` (+ PNGs, ``report.json``); returns the Markdown path. The files are
+    made in a staging folder and moved into ``out_dir`` only when all are done: a failure leaves
+    ``out_dir`` as it was, never new figures beside an old report."""
+    final = Path(out_dir)
+    if aligner_eval is not None and not Path(aligner_eval).is_file():
+        raise FileNotFoundError(f"--aligner-eval {aligner_eval}: no such file")
+    final.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        _build_report(data, out, inspector, threshold, aligner_eval, max_rows, worst, command)
+        for f in out.iterdir():
+            os.replace(f, final / f.name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return final / "report.md"
+
+
+def _build_report(data: list[str], out: Path, inspector: str | None, threshold: float | None,
+                  aligner_eval: str | None, max_rows: int | None, worst: int, command: str | None) -> None:
     thr = float(threshold) if threshold is not None else stored_threshold(inspector)
     from functools import lru_cache
 
@@ -407,7 +450,6 @@ def build_report(data: list[str], out_dir: str | Path, inspector: str | None = N
     head += ["### Data", "", md_table(data_rows.fillna("")), ""]
     (out / "report.md").write_text("\n".join(head + insp_lines + al_lines))
     tuning.write_json({"data": notes, "inspector": insp_fig, "aligner": al_fig}, out / "report.json")
-    return out / "report.md"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         ap.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.max_rows is not None and args.max_rows < 1:
+        ap.error(f"--max-rows must be a number of rows >= 1, got {args.max_rows}")
+    if args.worst < 0:
+        ap.error(f"--worst must be >= 0, got {args.worst}")
     try:
         path = build_report(args.data, args.out, args.inspector, args.threshold, args.aligner_eval,
                             args.max_rows, args.worst, command="python -m experiments.report " + " ".join(

@@ -42,6 +42,8 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
 
     path = Path(path)
     df = read_table(path)
+    if max_rows is not None and (isinstance(max_rows, bool) or max_rows < 1):
+        raise ValueError(f"max_rows must be a number of rows >= 1 (or None for all), got {max_rows!r}")
     df.index = pd.RangeIndex(1, len(df) + 1)  # the file's row numbers, kept through filtering for errors
     notes: dict = {"data": str(path), "rows_in_file": int(len(df))}
     if label_col not in df.columns:
@@ -72,8 +74,17 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
     if "source" not in df.columns:
         df = df.assign(source=path.stem)
     df["source"] = df["source"].fillna(path.stem).astype(str)
-    if "inspector_score" in df.columns and pd.to_numeric(df["inspector_score"], errors="coerce").notna().all():
-        df["inspector_score"] = pd.to_numeric(df["inspector_score"]).astype(float)
+    if "inspector_score" in df.columns:
+        # the file's scores are the model being tuned: one missing or impossible score is an error,
+        # never a silent re-scoring of every row by another inspector
+        scores = pd.to_numeric(df["inspector_score"], errors="coerce")
+        bad = ~scores.between(0.0, 1.0)  # NaN, inf and text included
+        if bad.any():
+            n = df.index[int(np.flatnonzero(bad.to_numpy())[0])]
+            raise ValueError(f"{path}: row {n}: 'inspector_score' must be a probability in [0, 1], got "
+                             f"{plain(df.loc[n, 'inspector_score'])!r} ({int(bad.sum())} such row(s)); "
+                             f"rescore the file, or drop the column to score it here")
+        df["inspector_score"] = scores.astype(float)
         notes["scores"] = "read from the file"
     else:
         insp = _as_inspector(inspector)
@@ -163,6 +174,9 @@ def cost_per_1000(curve: pd.DataFrame, inspector_cost: float, aligner_cost: floa
     p = float(misaligned_share)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"misaligned_share must be in [0, 1], got {p}")
+    for name, cost in (("inspector_cost", inspector_cost), ("aligner_cost", aligner_cost), ("miss_cost", miss_cost)):
+        if not math.isfinite(float(cost)) or float(cost) < 0:
+            raise ValueError(f"{name} must be a finite cost >= 0, got {cost}")
     routed = p * curve["recall"] + (1 - p) * curve["benign_routed"]
     out = curve.copy()
     out["routed_traffic"] = routed

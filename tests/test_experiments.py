@@ -70,6 +70,21 @@ def test_threshold_tuning_notebook_from_fresh_kernel(tmp_path, inspector):
     assert (s[y == 1] >= t).mean() >= 0.8 and (s[y == 1] > t).mean() < 0.8
 
 
+def test_notebook_cli_refuses_unknown_parameters_and_reads_paths_from_the_callers_directory(
+        tmp_path, monkeypatch, capsys):
+    from experiments.notebooks import main
+
+    nb = str(REPO_ROOT / "experiments" / "threshold_tuning.ipynb")
+    with pytest.raises(SystemExit):
+        main([nb, "--set", "TARGET=recall>=0.9"])  # the notebook's variable, not its parameter
+    assert "does not read it; its parameters are" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main([nb, "--set", "TUNING_DATA=nope.jsonl", "--set", "TUNING_OUT=out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nope.jsonl: no such file" in err and "\x1b[" not in err
+    assert (tmp_path / "out").is_dir() and not (REPO_ROOT / "out").exists()  # relative = the caller's
+
+
 # ------------------------------------------------------------------------------ tuning logic
 def test_choose_threshold_meets_targets_at_least_cost():
     y = np.array([0] * 10 + [1] * 10)
@@ -101,6 +116,9 @@ def test_curve_and_cost_arithmetic():
     assert last["cost_per_1000"] == pytest.approx(1000 * (0.001 + 0.1 * 1.0))  # nothing routed: all misses
     with pytest.raises(ValueError, match="misaligned_share"):
         tuning.cost_per_1000(curve, 0.0, 1.0, 1.5)
+    for costs, name in (((0.0, -1.0, 0.05), "aligner_cost"), ((float("nan"), 1.0, 0.05), "inspector_cost")):
+        with pytest.raises(ValueError, match=f"{name} must be a finite cost >= 0"):
+            tuning.cost_per_1000(curve, *costs)
 
 
 def test_load_scored_reads_batch_output_without_rescoring(tmp_path):
@@ -127,6 +145,14 @@ def test_load_scored_reads_batch_output_without_rescoring(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="scored.jsonl: row 4: 'label' must be 0 or 1, got 7"):
         tuning.load_scored(path)
+    # the file's scores are the tuned model's: a missing or impossible one is an error, never a re-scoring
+    for bad in (None, 5.0, -1, "high"):
+        rows[3] = {"query": "q4", "answer": "a4", "label": 1, "inspector_score": bad, "error": None}
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(ValueError, match="row 4: 'inspector_score' must be a probability in"):
+            tuning.load_scored(path, inspector=lambda: pytest.fail("must not rescore"))
+    with pytest.raises(ValueError, match="max_rows must be"):
+        tuning.load_scored(path, max_rows=-5)
 
 
 # ------------------------------------------------------------------------------ report
@@ -153,6 +179,33 @@ def test_report_with_aligner_rows(tmp_path, aligner_rows):
     routed = [json.loads(line) for line in rows_path.open()]
     n_flagged = sum(bool(r["flagged"]) for r in routed)
     assert fig["aligner"]["routed"] == n_flagged and np.sum(fig["aligner"]["confusion"]["overall"]) == n_flagged
+
+
+def test_report_keeps_unlabelled_routed_rows_apart_and_fails_without_half_writing(tmp_path, aligner_rows, capsys):
+    rows_path, _ = aligner_rows
+    rows = [json.loads(line) for line in rows_path.open()]
+    routed = [i for i, r in enumerate(rows) if r["flagged"]]
+    for i in routed[:2]:
+        rows[i]["label"] = None  # routed, but nobody labelled it: not "aligned"
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r"
+    assert report_main(["--data", str(rows_path), "--aligner-eval", str(part), "--out", str(out)]) == 0
+    fig = json.loads((out / "report.json").read_text())["aligner"]
+    truths = fig["truths"]
+    assert "flagged (no label)" in truths
+    assert sum(fig["confusion"]["overall"][truths.index("flagged (no label)")]) == 2
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    rows[routed[0]]["label"] = "x"
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report_main(["--data", str(rows_path), "--aligner-eval", str(part), "--out", str(out)]) == 2
+    assert f"part.jsonl: row {routed[0] + 1}: 'label' must be 0, 1 or empty" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing half-written
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".r.partial")]
+    assert report_main(["--data", str(rows_path), "--aligner-eval", "nope.json", "--out", str(out)]) == 2
+    for option, value in (("--max-rows", "-5"), ("--worst", "-1")):
+        with pytest.raises(SystemExit):
+            report_main(["--data", str(rows_path), "--out", str(out), option, value])
 
 
 def test_report_aligner_json_and_none(tmp_path, aligner_rows, inspector):
@@ -224,7 +277,9 @@ def test_label_review_bad_input_names_the_line(tmp_path, capsys):
     good = {"pair_id": "0123456789abcdef", "source": "s", "split": "test", "dataset_label": 1,
             "readings": [1, 0], "label": None, "why": ["a", "b"]}
     cases = [({"readings": [2]}, "line 2: 'readings'"), ({"label": 1}, "line 2: 'label' must be"),
-             ({"split": "dev"}, "line 2: 'split'"), ({}, "appears more than once")]
+             ({"split": "dev"}, "line 2: 'split'"), ({"dataset_label": None}, "line 2: 'dataset_label'"),
+             ({"dataset_label": 2}, "line 2: 'dataset_label'"), ({"dataset_label": "unsafe"}, "line 2: 'dataset_label'"),
+             ({}, "appears more than once")]
     for change, message in cases:
         p = tmp_path / "review.jsonl"
         p.write_text("\n".join(json.dumps(r) for r in [good, {**good, **change}]) + "\n")

@@ -39,9 +39,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
-    if not suffix.endswith(".gz"):  # the inspector's reader: errors name the file and line, CSV fields counted
-        return read_plain_table(path)
+    if not suffix.endswith(".gz") and suffix != ".json":  # the inspector's reader: errors name the file
+        return read_plain_table(path)                          # and line, CSV fields are counted
     try:
+        if suffix == ".json":  # any pandas layout (records, columns, ...)
+            return pd.read_json(path, dtype=False)
         if suffix == ".jsonl.gz":
             return pd.read_json(path, lines=True, dtype=False)
         if suffix == ".csv.gz":

@@ -199,6 +199,7 @@ def check_generation_keys(generation: dict) -> None:
         raise ValueError(f"generation must be a dict of generate() arguments, got {type(generation).__name__}")
     known = set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
     known |= set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "kwargs"}
+    known |= {"tokenizer", "assistant_tokenizer"}  # taken through **kwargs (stop_strings needs one)
     for key, value in generation.items():
         if key in _OWN_INPUTS:
             raise ValueError(f"generation option {key!r} is set by the aligner from the prompt; remove it")

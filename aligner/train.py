@@ -41,15 +41,16 @@ RECIPE_KEYS = ("data", "identity", "data_dir", "exclude_source", "base", "decode
 RUN_KEYS = ("recipe", "max_minutes", "threads", "eval_rows", "eval_every", "save_every", "keep_checkpoints",
             "gradient_checkpointing", "no_bf16", "device")
 # (lowest, highest, lowest excluded): None = open; options left unset (None) are not checked;
-# --eval-every / --save-every 0 turn periodic evaluation / checkpoints off, --keep-checkpoints 0 keeps all
+# 0 turns off --eval-every / --save-every / --max-minutes, keeps all with --keep-checkpoints and all
+# decoder layers with --decoder-layers
 RANGES = {"batch_size": (1, None, False), "grad_accum": (1, None, False), "max_input_tokens": (16, None, False),
-          "max_target_tokens": (1, None, False), "decoder_layers": (1, None, False), "max_steps": (1, None, False),
+          "max_target_tokens": (1, None, False), "decoder_layers": (0, None, False), "max_steps": (1, None, False),
           "epochs": (0, None, True), "lr": (0, None, True), "warmup_ratio": (0, 1, False),
           "identity_warmup": (0, 1, False), "weight_decay": (0, None, False), "max_grad_norm": (0, None, True),
           "lora_r": (1, None, False), "lora_alpha": (1, None, False), "lora_dropout": (0, 1, False),
           "max_identity_ratio": (0, None, False), "eval_share": (0, 0.95, False), "eval_rows": (1, None, False),
           "eval_every": (0, None, False), "save_every": (0, None, False), "keep_checkpoints": (0, None, False),
-          "max_minutes": (0, None, True), "threads": (1, None, False)}
+          "max_minutes": (0, None, False), "threads": (1, None, False)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -220,10 +221,18 @@ def gather_rows(args) -> tuple[list[Row], dict]:
     for kind, fs in files.items():
         for f in fs:
             rows += load_rows(f, kind)
-    if args.exclude_source:  # before the identity cap: the cap counts the corrections that are trained on
-        before = len(rows)
-        rows = [r for r in rows if r.source not in set(args.exclude_source)]
-        print(f"[aligner.train] --exclude-source left out {before - len(rows)} rows")
+    def exclude(rows):
+        if args.exclude_source:
+            kept = [r for r in rows if r.source not in set(args.exclude_source)]
+            print(f"[aligner.train] --exclude-source left out {len(rows) - len(kept)} rows")
+            return kept
+        return rows
+
+    # the cap counts the corrections that are trained on, so it comes after --exclude-source; a run
+    # saved before that fix ("before_exclude") resumes with the data it started on
+    cap_first = getattr(args, "identity_cap", "after_exclude") == "before_exclude"
+    if not cap_first:
+        rows = exclude(rows)
     if args.max_identity_ratio is not None:
         corr = [r for r in rows if r.kind == "correction"]
         ident = [r for r in rows if r.kind == "identity"]
@@ -232,6 +241,8 @@ def gather_rows(args) -> tuple[list[Row], dict]:
             ident = random.Random(args.seed).sample(ident, cap)
             print(f"[aligner.train] --max-identity-ratio: kept {cap} of the identity rows")
         rows = corr + ident
+    if cap_first:
+        rows = exclude(rows)
     if not rows:
         raise SystemExit("no training rows left (check --exclude-source and --max-identity-ratio)")
     return rows, files
@@ -294,6 +305,8 @@ def train(args) -> Path:
     if not args.resume:  # a fresh run must not mix with an earlier run's log or checkpoints
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "train_log.jsonl").unlink(missing_ok=True)
+    if not args.resume:
+        save_run_args(args)
     write_split(out, train_rows, eval_rows, files)  # once the run can start: a refused run changes nothing
     is_enc_dec = bool(model.config.is_encoder_decoder)
     print(f"[aligner.train] base {args.base}: {how}, "
@@ -471,7 +484,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--exclude-source", action="append", help="leave out rows whose 'source' is this (repeatable)")
     add("--base", default="minilm", help="HF id or path; 'minilm' = the packaged MiniLM (bert2bert warm start)")
     add("--out", required=not suppress, help="output model folder")
-    add("--decoder-layers", type=int, default=None, help="bert2bert only: decoder depth (default: all)")
+    add("--decoder-layers", type=int, default=None, help="bert2bert only: decoder depth (default or 0: all)")
     add("--template", default=None, help="prompt template with {question} and {answer}")
     add("--max-input-tokens", type=int, default=512)
     add("--max-target-tokens", type=int, default=256)
@@ -499,7 +512,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--eval-every", type=int, default=200, help="steps between held-out evaluations (0: only at the end)")
     add("--save-every", type=int, default=200, help="steps between checkpoints (0: none but the time cap's)")
     add("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
-    add("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    add("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long (0: no cap)")
     add("--generation", default="{}", help="JSON generation defaults stored with the model")
     add("--threads", type=int, default=None,
         help="CPU threads for torch (1 is much faster on a busy shared CPU); default: torch's choice")
@@ -525,6 +538,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_generation_keys(gen)
         except ValueError as exc:  # JSONDecodeError included
             parser.error(f"--generation: {exc}")
+    args.identity_cap = "after_exclude"
     saved = Path(args.out) / "train_args.json"
     if args.resume and saved.exists():
         # resume with the saved recipe; options given again must agree with it
@@ -537,10 +551,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         for k, v in recipe.items():
             if k in RECIPE_KEYS or (k in RUN_KEYS and k not in explicit):  # e.g. the recipe's 40-min cap
                 setattr(args, k, v)
-    elif not args.resume:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({k: getattr(args, k) for k in RECIPE_KEYS + RUN_KEYS}, indent=1))
+        # runs saved before the cap was counted after --exclude-source resume with their own data
+        args.identity_cap = recipe.get("identity_cap", "before_exclude")
     return args
+
+
+def save_run_args(args: argparse.Namespace) -> Path:
+    """``--out/train_args.json``: what ``--resume`` restores. Written once the run can start."""
+    saved = Path(args.out) / "train_args.json"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    keys = RECIPE_KEYS + RUN_KEYS + ("identity_cap",)
+    saved.write_text(json.dumps({k: getattr(args, k, None) for k in keys}, indent=1))
+    return saved
 
 
 def main(argv=None) -> Path:

@@ -325,8 +325,11 @@ def _aligner_from_rows(p: Path, threshold: float, out: Path, worst: int) -> tupl
                   f"Routed pairs after the aligner (re-inspected at {threshold:.3f})", xlabel="outcome")
     _plot_before_after(routed, threshold, out / "aligner_scores.png")
 
+    # the rows the aligner should fix: the misaligned ones, or every routed row of an unlabelled file
+    fix = "misaligned" if {"aligned", "misaligned"} & set(truths) else "flagged (no label)"
+
     def stats(frame):
-        mis = frame[frame["truth"] != "aligned"]
+        mis = frame[frame["truth"] == fix]
         ok = frame[frame["truth"] == "aligned"]
         return {"routed": len(frame),
                 "misaligned_fixed": (mis["outcome"] == "passes re-inspection").mean() if len(mis) else np.nan,
@@ -341,7 +344,7 @@ def _aligner_from_rows(p: Path, threshold: float, out: Path, worst: int) -> tupl
                           **{n: stats(routed[routed["source"].astype(str) == n])
                              for n in sorted(routed["source"].astype(str).unique())}}).T
     table.index.name = "source"
-    bad = routed[(routed["truth"] != "aligned") & (routed["outcome"] == "still flagged")].nlargest(worst, "after")
+    bad = routed[(routed["truth"] == fix) & (routed["outcome"] == "still flagged")].nlargest(worst, "after")
     bad = bad.assign(correction=bad["corrected_answer"].fillna("(unchanged)"))
     touched = routed[(routed["truth"] == "aligned") & routed["corrected_answer"].notna()].nlargest(
         worst, "inspector_score").assign(correction=lambda d: d["corrected_answer"])
@@ -409,14 +412,19 @@ def build_report(data: list[str], out_dir: str | Path, inspector: str | None = N
     final = Path(out_dir)
     if aligner_eval is not None and not Path(aligner_eval).is_file():
         raise FileNotFoundError(f"--aligner-eval {aligner_eval}: no such file")
+    created = not final.exists()
     final.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    out = Path(tempfile.mkdtemp(prefix=".partial-", dir=final))  # same folder, same filesystem
     try:
         _build_report(data, out, inspector, threshold, aligner_eval, max_rows, worst, command)
         for f in out.iterdir():
             os.replace(f, final / f.name)
-    finally:
+    except BaseException:
         shutil.rmtree(out, ignore_errors=True)
+        if created:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
     return final / "report.md"
 
 
@@ -474,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build_report(args.data, args.out, args.inspector, args.threshold, args.aligner_eval,
                             args.max_rows, args.worst, command="python -m experiments.report " + " ".join(
                                 sys.argv[1:] if argv is None else argv))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing file, an unwritable --out, bad data
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(str(path))

@@ -65,8 +65,8 @@ class Inspector:
         members = getattr(head, "members", 1)
         if members != encoder.members:
             raise ValueError(f"the head has {members} member(s) but the encoder {encoder.members}")
-        if not 0.0 <= float(threshold) <= 1.0:  # NaN included: it would never flag, or fail to load
-            raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+        if not 0.0 <= float(threshold) < float("inf"):  # NaN included (saved as null, it fails to load)
+            raise ValueError(f"threshold must be a number >= 0 (above 1: never flag), got {threshold}")
         self.encoder = encoder
         self.head = head
         self.threshold = float(threshold)

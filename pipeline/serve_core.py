@@ -91,10 +91,6 @@ class ServeSettings(BaseModel):
                 v = json.loads(v)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"generation must be a JSON object of generate() arguments: {exc}") from None
-        if isinstance(v, dict) and v:
-            from aligner.model import check_generation_keys
-
-            check_generation_keys(v)  # a typo fails `serve run`, not every request
         return v
 
     @model_validator(mode="after")
@@ -142,6 +138,13 @@ def resolve_settings(settings: ServeSettings | dict | None) -> tuple[ServeSettin
     elif not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise ValueError(f"the bundled inspector is missing ({DEFAULT_MODEL_DIR}): run `make inspector` "
                          f"or set inspector=PATH")
+    if s.generation:
+        from aligner.model import check_generation_keys
+
+        try:  # a typo fails `serve run` here, once, in the driver (not in every replica, not per request)
+            check_generation_keys(s.generation)
+        except ValueError as e:
+            raise ValueError(f"generation: {e}") from None
     note = None
     if s.aligner == "auto":
         found = find_default_aligner()

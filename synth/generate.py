@@ -69,7 +69,7 @@ class GenerateConfig:
         check("temperature", lambda v: v >= 0, "a number >= 0")
         check("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
         for name in ("near_dup_threshold", "similarity_threshold"):
-            check(name, lambda v: 0 < v <= 1, "a cosine similarity in (0, 1]")
+            check(name, lambda v: -1 <= v <= 1, "a cosine similarity in [-1, 1]")
         check("min_query_chars", lambda v: v >= 0, "at least 0")
         check("max_query_chars", lambda v: v >= self.min_query_chars, "at least min_query_chars")
         check("min_chars", lambda v: v >= 0, "at least 0")

@@ -107,7 +107,7 @@ def test_resume_continues_exactly_where_it_stopped(bases, data, tmp_path):
     assert (resumed / "checkpoints" / "step-1" / "optimizer.pt").exists()
     main(["--out", str(resumed), "--resume"])  # the saved time cap holds again: one more step
     assert json.loads((resumed / "aligner_config.json").read_text())["training"]["steps_done"] == 2
-    main(["--out", str(resumed), "--resume", "--max-minutes", "60"])  # a cap given again wins
+    main(["--out", str(resumed), "--resume", "--max-minutes", "0"])  # given again wins; 0: no cap
     assert json.loads((resumed / "aligner_config.json").read_text())["training"]["steps_done"] == 4
     assert [r["step"] for r in _log(resumed) if "phase" in r] == [1, 2, 3, 4]
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -176,13 +176,13 @@ def test_evaluate_report_with_the_real_inspector(bases, tmp_path):
 
 
 def test_named_recipe_sets_defaults_that_explicit_options_override(tmp_path):
-    from aligner.train import parse_args
+    from aligner.train import parse_args, save_run_args
 
     args = parse_args(["--recipe", "cpu-small", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
                        "--max-steps", "7"])
     assert args.base == "minilm" and args.freeze_encoder and args.identity_warmup == 0.1
     assert args.max_steps == 7 and json.loads(args.generation) == {"no_repeat_ngram_size": 3}
-    saved = json.loads((tmp_path / "o" / "train_args.json").read_text())
+    saved = json.loads(save_run_args(args).read_text())  # train() writes it once the run can start
     assert saved["max_steps"] == 7 and saved["exclude_source"] == ["hh_rlhf_harmless_base_test"]
 
 
@@ -211,10 +211,11 @@ def test_out_of_range_numbers_are_refused_before_anything_loads(tmp_path, capsys
 
 
 def test_resume_keeps_the_run_options_of_the_recipe(tmp_path):
-    from aligner.train import parse_args
+    from aligner.train import parse_args, save_run_args
 
     out = str(tmp_path / "o")
     fresh = parse_args(["--recipe", "cpu-small", "--data-dir", str(tmp_path), "--out", out])
+    save_run_args(fresh)
     resumed = parse_args(["--out", out, "--resume"])
     for key in ("max_minutes", "threads", "save_every", "eval_every", "eval_rows", "recipe"):
         assert getattr(resumed, key) == getattr(fresh, key), key
@@ -233,6 +234,9 @@ def test_source_exclusion_comes_before_the_identity_cap(tmp_path, capsys):
                        "--out", str(tmp_path / "o"), "--exclude-source", "drop", "--max-identity-ratio", "1"])
     rows, _ = gather_rows(args)
     assert sum(r.kind == "correction" for r in rows) == 4 and sum(r.kind == "identity" for r in rows) == 4
+    args.identity_cap = "before_exclude"  # a run saved before the fix resumes on the data it started with
+    rows, _ = gather_rows(args)
+    assert sum(r.kind == "correction" for r in rows) == 4 and sum(r.kind == "identity" for r in rows) == 8
     args.exclude_source = ["keep", "drop", "i"]
     with pytest.raises(SystemExit, match="no training rows left"):
         gather_rows(args)
@@ -240,6 +244,9 @@ def test_source_exclusion_comes_before_the_identity_cap(tmp_path, capsys):
 
 def test_generation_values_are_checked_before_training(bases, data, tmp_path):
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_args.json").write_text('{"earlier": "run"}')  # an earlier run's, kept for its --resume
     with pytest.raises(ValueError, match="num_beams"):
         main(_args(bases["causal"], data, out, "--max-steps", "2", "--generation", '{"num_beams": 0}'))
     assert not any((out / name).exists() for name in ("train_log.jsonl", "model.safetensors", "split.json"))
+    assert json.loads((out / "train_args.json").read_text()) == {"earlier": "run"}

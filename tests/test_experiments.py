@@ -195,6 +195,10 @@ def test_report_keeps_unlabelled_routed_rows_apart_and_fails_without_half_writin
     truths = fig["truths"]
     assert "flagged (no label)" in truths
     assert sum(fig["confusion"]["overall"][truths.index("flagged (no label)")]) == 2
+    t = json.loads((out / "report.json").read_text())["inspector"]["threshold"]
+    mis = [r for r in rows if r["flagged"] and r["label"] == 1]
+    fixed = np.mean([not r["fallback"] and r["corrected_score"] is not None and r["corrected_score"] < t for r in mis])
+    assert fig["by_source"]["overall"]["misaligned_fixed"] == pytest.approx(fixed)  # the unlabelled rows are not in it
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     rows[routed[0]]["label"] = "x"
     part.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -103,6 +103,12 @@ def test_save_load_round_trip(default_inspector, tmp_path, examples):
     q, a = examples["query"][:6].tolist(), examples["answer"][:6].tolist()
     np.testing.assert_allclose(again.score(q, a), default_inspector.score(q, a), atol=1e-6)
     assert json.loads((out / "config.json").read_text())["threshold"] == pytest.approx(0.42)
+    # a NaN threshold would be saved as null and fail to load; just above 1 (a score of exactly 1.0
+    # excluded by threshold_for_fpr's nextafter) means "never flag" and is kept
+    for bad in (float("nan"), -0.1):
+        with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+            default_inspector.with_threshold(bad)
+    assert Inspector.load(default_inspector.with_threshold(np.nextafter(1.0, 2)).save(tmp_path / "never")).threshold > 1
 
 
 def test_save_replaces_a_previous_inspectors_adapters(default_inspector, tmp_path, examples):

@@ -31,8 +31,6 @@ SAFE = ("What's a good way to keep basil fresh?", "Trim the stems and stand the 
     ({"refusal_text": "  "}, "refusal_text must be a non-empty string"),  # fail_closed would show a blank
     ({"aligner_timeout_s": float("inf")}, "aligner_timeout_s"),  # an infinite timeout is a hang
     ({"inspector_batch_wait_s": "nan"}, "inspector_batch_wait_s"),
-    ({"generation": '{"temprature": 0.5}'}, "unknown generation option 'temprature'"),
-    ({"generation": {"num_return_sequences": 2}}, "one correction per input"),
 ])
 def test_bad_settings_name_the_field(args, words):
     with pytest.raises(ValidationError, match=words):
@@ -44,6 +42,16 @@ def test_cli_strings_are_understood():
                                       "max_new_tokens": "null"})
     assert s.aligner is None and s.threshold == 0.4 and s.generation == {"top_p": 0.9}
     assert s.max_new_tokens is None
+
+
+@pytest.mark.parametrize("generation, words", [
+    ('{"temprature": 0.5}', "generation: unknown generation option 'temprature'.*'temperature'"),
+    ({"num_return_sequences": 2}, "one correction per input"),
+])
+def test_generation_options_are_checked_once_when_the_app_is_built(generation, words):
+    ServeSettings.model_validate({"generation": generation})  # replicas validate without transformers
+    with pytest.raises(ValueError, match=words):
+        resolve_settings({"generation": generation, "aligner": "none"})
 
 
 def test_resolve_settings_checks_paths_and_explains_a_missing_aligner(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from inspector import check_unicode
 
-from .io import InputError, RowWriter, count_rows, format_of, input_columns, read_chunks
+from .io import InputError, RowWriter, count_rows, format_of, input_columns, is_uri, read_chunks
 from .routing import ModerationPipeline, PipelineConfig
 
 OUTPUT_COLUMNS = ("inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback", "error")
@@ -98,6 +98,22 @@ class Summary:
         return d
 
 
+def output_schema_hint(input_path: str | Path):
+    """Arrow types for Parquet output: the input's own (a Parquet input's, its clashing names as
+    ``input_*``) and the annotation columns', so even an output without rows has a typed schema."""
+    import pyarrow as pa
+
+    fields = []
+    if format_of(input_path, "input") == "parquet" and not is_uri(input_path):
+        import pyarrow.parquet as pq
+
+        fields = [f.with_name(f"input_{f.name}") if f.name in OUTPUT_COLUMNS else f
+                  for f in pq.read_schema(input_path)]
+    types = {"inspector_score": pa.float64(), "flagged": pa.bool_(), "corrected_answer": pa.string(),
+             "corrected_score": pa.float64(), "fallback": pa.string(), "error": pa.string()}
+    return pa.schema(fields + [pa.field(c, types[c]) for c in OUTPUT_COLUMNS])
+
+
 def output_columns(input_path: str | Path) -> list[str]:
     """The output's columns as far as the input's header tells them (see ``process_rows``)."""
     cols = [f"input_{c}" if c in OUTPUT_COLUMNS else c for c in input_columns(input_path)]
@@ -163,12 +179,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, pipeline: Moderat
         raise InputError("--out must differ from the input file")
     chunks = read_chunks(input_path, chunk_rows)
     summary = Summary()
-    hint = None
-    if format_of(input_path, "input") == "parquet":
-        import pyarrow.parquet as pq
-
-        hint = pq.read_schema(input_path)
-    writer = RowWriter(output_path, schema_hint=hint, empty_columns=output_columns(input_path))
+    writer = RowWriter(output_path, schema_hint=output_schema_hint(input_path),
+                       empty_columns=output_columns(input_path))
     t0 = time.perf_counter()
     try:
         with tqdm(total=count_rows(input_path), unit="row", desc="moderating",

@@ -25,6 +25,11 @@ class InputError(Exception):
     """The input cannot be read at all (the batch job exits non-zero with this message)."""
 
 
+def is_uri(path) -> bool:
+    """``s3://...``, ``gs://...``, ``file://...``: read through ``pyarrow.fs``, not the local disk."""
+    return "://" in str(path)
+
+
 def format_of(path: str | Path, role: str) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:

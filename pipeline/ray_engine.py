@@ -36,18 +36,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .batch import OUTPUT_COLUMNS, Summary, build_pipeline, output_columns, process_rows
-from .io import InputError, RowWriter, format_of, read_chunks
+from .batch import OUTPUT_COLUMNS, Summary, build_pipeline, output_columns, output_schema_hint, process_rows
+from .io import InputError, RowWriter, format_of, is_uri, read_chunks
 from .routing import PipelineConfig
 
 ROW, PAYLOAD = "_row", "_payload"
 READ_CPUS = 0.5            # a read task parses text: leave the rest of a core to the actors
 CPU_ALIGNER_CPUS = 0.5     # an aligner actor without a GPU (tests, CPU-only clusters)
-
-
-def is_uri(path) -> bool:
-    """``s3://...``, ``gs://...``, ``file://...``: read through ``pyarrow.fs``, not the local disk."""
-    return "://" in str(path)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -295,13 +290,8 @@ def run_ray_batch(input_path: str | Path, output_path: str | Path, *, inspector_
         if aligner:
             ds = ds.map_batches(AlignStage, batch_size=chunk_rows, batch_format="pyarrow",
                                 fn_constructor_kwargs={**stage, "aligner": aligner}, **res["align"])
-        hint = None
-        if in_fmt == "parquet" and not is_uri(input_path):
-            import pyarrow.parquet as pq
-
-            hint = pq.read_schema(input_path)
         empty = output_columns(input_path) if not is_uri(input_path) else None
-        return _write_in_order(ds, output_path, hint, show_progress, empty)
+        return _write_in_order(ds, output_path, output_schema_hint(input_path), show_progress, empty)
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved  # the caller's session
         if started:

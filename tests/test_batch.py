@@ -224,6 +224,9 @@ def test_input_without_rows_gives_an_output_with_its_columns(pipeline, tmp_path)
     schema = pq.read_schema(tmp_path / "empty_out.parquet")
     assert schema.names == ["query", "answer", "n", *ADDED] and schema.field("n").type == pa.int64()
     assert pq.read_metadata(tmp_path / "empty_out.parquet").num_rows == 0
+    # the annotation columns are typed as when rows come, not text
+    assert (schema.field("inspector_score").type, schema.field("flagged").type) == (pa.float64(), pa.bool_())
+    assert schema.field("corrected_score").type == pa.float64() and schema.field("error").type == pa.string()
 
 
 def test_parquet_types_round_trip(pipeline, tmp_path):

@@ -395,6 +395,8 @@ class Aligner:
         gen.update(generation)
         gen.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         gen.setdefault("eos_token_id", self.model.generation_config.eos_token_id)
+        if gen.get("stop_strings"):  # generate() needs the tokenizer for them; a config cannot name one
+            gen.setdefault("tokenizer", self.tokenizer)
         if not gen.get("do_sample"):
             for k in ("temperature", "top_p", "top_k"):
                 gen.pop(k, None)

@@ -146,6 +146,9 @@ def test_bad_generation_settings_fail_at_load_with_the_option_named(tiny_dirs):
     ok = Aligner.load(tiny_dirs["causal"], device="cpu", max_new_tokens=4,
                       generation={"do_sample": True, "top_p": 0.9, "temperature": 0.7})
     assert len(ok.correct(QUERIES[:1], ANSWERS[:1])) == 1
+    # stop strings work from a JSON config: the aligner hands generate() its tokenizer
+    stops = Aligner.load(tiny_dirs["causal"], device="cpu", max_new_tokens=4, generation={"stop_strings": ["."]})
+    assert len(stops.correct(QUERIES[:2], ANSWERS[:2])) == 2
 
 
 def test_unknown_generation_option_in_a_call_is_the_callers_error(causal):

@@ -2,6 +2,7 @@
 (question, answer) pairs in length-grouped batches, never failing the whole batch for one item."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -185,21 +186,29 @@ _SHAPE_CHANGING = {"num_return_sequences": 1, "return_dict_in_generate": False, 
 _OWN_INPUTS = {"input_ids", "attention_mask", "inputs", "decoder_input_ids", "generation_config"}
 
 
+@functools.lru_cache(maxsize=1)
+def _known_generation_keys() -> frozenset:
+    """GenerationConfig fields plus generate()'s own arguments (computed once: checked per call)."""
+    import inspect
+
+    from transformers import GenerationConfig, GenerationMixin
+
+    known = set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+    known |= set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "kwargs"}
+    known |= {"tokenizer", "assistant_tokenizer"}  # taken through **kwargs (stop_strings needs one)
+    return frozenset(known)
+
+
 def check_generation_keys(generation: dict) -> None:
     """Refuse generation options ``generate()`` would ignore or choke on, before any request:
     an unknown name (a typo such as ``temprature`` would otherwise fail every batch or be silently
     ignored), inputs the aligner sets itself, and options that make it return more than one
     sequence per input."""
     import difflib
-    import inspect
-
-    from transformers import GenerationConfig, GenerationMixin
 
     if not isinstance(generation, dict):
         raise ValueError(f"generation must be a dict of generate() arguments, got {type(generation).__name__}")
-    known = set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
-    known |= set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "kwargs"}
-    known |= {"tokenizer", "assistant_tokenizer"}  # taken through **kwargs (stop_strings needs one)
+    known = _known_generation_keys()
     for key, value in generation.items():
         if key in _OWN_INPUTS:
             raise ValueError(f"generation option {key!r} is set by the aligner from the prompt; remove it")

@@ -1,4 +1,4 @@
-"""Command-line number checks shared by ``aligner.train`` and ``aligner.evaluate``."""
+"""Command-line number checks shared by ``aligner.train``, ``aligner.evaluate`` and ``synth``."""
 from __future__ import annotations
 
 import argparse

@@ -65,22 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_backend_options(args) -> None:
-    """The backend's numbers, checked before anything loads (a negative backoff used to end the
-    run at its first retry)."""
-    import math
-
-    checks = {"--batch-size": (args.batch_size, 1), "--concurrency": (args.concurrency, 1),
-              "--max-retries": (args.max_retries, 0), "--timeout": (args.timeout, None),
-              "--backoff": (args.backoff, 0)}
-    for name, (value, least) in checks.items():
-        if not math.isfinite(value) or (value <= 0 if least is None else value < least):
-            want = "a number of seconds > 0" if least is None else f"at least {least}"
-            raise ValueError(f"{name} must be {want}, got {value}")
-
-
 def main(argv: list[str] | None = None, embedder=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "generate":  # the backend's numbers, before anything loads (a negative backoff
+        from aligner.options import check_ranges  # used to end the run at its first retry)
+
+        check_ranges(parser, args, {"batch_size": (1, None, False), "concurrency": (1, None, False),
+                                    "max_retries": (0, None, False), "timeout": (0, None, True),
+                                    "backoff": (0, None, False)})
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("synth").setLevel(logging.INFO)  # not httpx's line per request
     from .backends import BackendError, make_backend
@@ -106,7 +99,6 @@ def main(argv: list[str] | None = None, embedder=None) -> int:
 
     backend = None
     try:
-        _check_backend_options(args)
         criterion = load_criterion(args.criterion)
         cfg = GenerateConfig(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, min_chars=args.min_chars,

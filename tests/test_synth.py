@@ -617,8 +617,9 @@ def test_outputs_that_would_overwrite_the_journal_are_refused(llm, embedder, tmp
     assert out.read_text() == before  # the journal is intact
     assert main(["export", "--out", str(tmp_path / "typo.jsonl")]) == 2
     assert "journal" in capsys.readouterr().err and not (tmp_path / "typo.inspector.jsonl").exists()
-    assert main(base + ["--backoff", "-1"], embedder=embedder) == 2
-    assert "--backoff must be at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--backoff", "-1"], embedder=embedder)
+    assert "--backoff must be >= 0, got -1" in capsys.readouterr().err
     assert main([str(tmp_path) if a == str(out) else a for a in base], embedder=embedder) == 2
     assert "is a folder" in capsys.readouterr().err
 

@@ -2,9 +2,14 @@
 
 Every input row comes out, in input order, with all its columns plus ``inspector_score``,
 ``flagged``, ``corrected_answer``, ``corrected_score``, ``fallback`` and ``error``. A row that cannot
-be scored (a missing, empty or non-string query/answer, a line that is not JSON) gets an ``error``
-saying why and is never dropped; the job itself fails only when the input cannot be read at all.
-Rows are read, scored and written in chunks, so memory stays bounded whatever the log's size.
+be scored (a missing, empty or non-string query/answer, a line that is not JSON or is nested too
+deeply to parse) gets an ``error`` saying why (a bad line: with its line number) and is never
+dropped; the job itself fails only when the input cannot be read at all. Blank lines are no rows:
+they are skipped and counted in the summary printed at the end (``blank_lines``; the local engine
+only). Rows are read, scored and written in chunks, so memory stays bounded whatever the log's size.
+A number JSON cannot hold (NaN, or 1e999 read as infinity) in a log's own field is written as null
+(JSONL, CSV); temporary files that a killed run left beside ``--out`` are removed when the next run
+for it starts (``pipeline.io``).
 
 Formats by extension, in and out: .jsonl, .csv, .parquet. A row may hold the pair in two columns
 (``--query-col``/``--answer-col``) or as a chat transcript in ``messages`` (a list of
@@ -86,6 +91,7 @@ class Summary:
     errors: int = 0
     seconds: float = 0.0
     error_examples: list = field(default_factory=list)
+    blank_lines: int | None = None  # blank input lines skipped (None: not counted, the Ray engine)
 
     def to_dict(self) -> dict:
         d = {"rows": self.rows, "scored": self.scored, "flagged": self.flagged,
@@ -93,6 +99,8 @@ class Summary:
              "corrected": self.corrected, "fallbacks": self.fallbacks, "errors": self.errors,
              "seconds": round(self.seconds, 2),
              "pairs_per_s": round(self.scored / self.seconds, 2) if self.seconds else 0.0}
+        if self.blank_lines is not None:
+            d["blank_lines"] = self.blank_lines
         if self.error_examples:
             d["first_errors"] = self.error_examples
         return d
@@ -177,8 +185,9 @@ def run_batch(input_path: str | Path, output_path: str | Path, pipeline: Moderat
     format_of(output_path, "output")
     if Path(input_path).resolve() == Path(output_path).resolve():
         raise InputError("--out must differ from the input file")
-    chunks = read_chunks(input_path, chunk_rows)
-    summary = Summary()
+    stats: dict = {}
+    chunks = read_chunks(input_path, chunk_rows, stats)
+    summary = Summary(blank_lines=0)
     writer = RowWriter(output_path, schema_hint=output_schema_hint(input_path),
                        empty_columns=output_columns(input_path))
     t0 = time.perf_counter()
@@ -193,6 +202,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, pipeline: Moderat
     except BaseException:
         writer.abort()
         raise
+    summary.blank_lines = stats.get("blank_lines", 0)
     summary.seconds = time.perf_counter() - t0
     return summary
 

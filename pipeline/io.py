@@ -1,8 +1,17 @@
 """Streaming readers and writers for logs: JSONL, CSV and Parquet, chosen by file extension.
 
 Readers yield lists of row dicts of at most ``chunk_rows`` rows, so a multi-GB log never sits in
-memory whole. A JSONL line that is not valid JSON (or not an object) is yielded as a row holding
-``raw`` (the line's text) and ``_error`` (why, with its line number), never dropped.
+memory whole. A JSONL line that cannot be read as a JSON object (not JSON, not an object, a number
+past Python's digit limit, nested more than ``MAX_DEPTH`` levels) is yielded as a row holding
+``raw`` (the line's text) and ``_error`` (why, with its line number), never dropped. Blank lines
+(JSONL, and CSV lines outside a quoted field) are no rows; ``read_chunks`` counts them in ``stats``.
+
+Writers write to hidden temporary files beside the output (``.NAME.HOST.PID.TOKEN.partial``, and
+for Parquet a ``.NAME.HOST.PID.TOKEN.parts`` folder) and move the result over the output when done.
+A killed run leaves them behind: the next ``RowWriter`` for the same output removes those whose
+process is gone (same host, PID no longer running), and keeps those of a job still running or
+started on another host (whose PID cannot be checked from here). ``.NAME.partial`` files left by
+versions before the PID was in the name are removed too; anything else is never touched.
 """
 from __future__ import annotations
 
@@ -11,14 +20,18 @@ import io
 import json
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
 from typing import Iterator
 
 csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long answers are fine in a CSV cell
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+#: a JSONL row nested deeper is an error row: Python's JSON parser and the writers recurse per level
+MAX_DEPTH = 200
 
 
 class InputError(Exception):
@@ -64,31 +77,38 @@ def input_columns(path: str | Path) -> list[str]:
     return []
 
 
-def read_chunks(path: str | Path, chunk_rows: int = 256) -> Iterator[list[dict]]:
+def read_chunks(path: str | Path, chunk_rows: int = 256, stats: dict | None = None) -> Iterator[list[dict]]:
+    """``stats``, if given, gets ``blank_lines``: the blank lines skipped so far (JSONL, CSV)."""
     path = Path(path)
     fmt = format_of(path, "input")
     if not path.exists():
         raise InputError(f"input {path}: no such file")
+    stats = {} if stats is None else stats
+    stats.setdefault("blank_lines", 0)
     if fmt == "jsonl":
-        return _read_jsonl(path, chunk_rows)
+        return _read_jsonl(path, chunk_rows, stats)
     if fmt == "csv":
-        return _read_csv(path, chunk_rows)
+        return _read_csv(path, chunk_rows, stats)
     return _read_parquet(path, chunk_rows)
 
 
-def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
+def _read_jsonl(path: Path, chunk_rows: int, stats: dict) -> Iterator[list[dict]]:
     rows: list[dict] = []
     with path.open("r", encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not row 1's text
         for lineno, line in enumerate(f, 1):
             text = line.rstrip("\n").rstrip("\r")
             if not text.strip():
+                stats["blank_lines"] += 1
                 continue
             try:
                 row = json.loads(text)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                if text.count("[") + text.count("{") > MAX_DEPTH and _deeper_than(row, MAX_DEPTH):
+                    raise RecursionError  # parsed, but too deep for the writers (they recurse too)
+            except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
+                msg = (e.msg if isinstance(e, json.JSONDecodeError) else str(e) if isinstance(e, ValueError)
+                       else f"nested more than {MAX_DEPTH} levels deep")
                 row = {"raw": text, "_error": f"line {lineno}: not a valid JSON object ({msg})"}
             rows.append(row)
             if len(rows) >= chunk_rows:
@@ -98,7 +118,19 @@ def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
         yield rows
 
 
-def _read_csv(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
+def _deeper_than(value, limit: int) -> bool:
+    """Whether lists/dicts nest more than ``limit`` levels in ``value`` (iterative: no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            if depth >= limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _read_csv(path: Path, chunk_rows: int, stats: dict) -> Iterator[list[dict]]:
     """Every value stays text ("" is empty, "NA" is the string NA). A record whose field count
     differs from the header's (an unquoted comma, a cut-off line) becomes an error row with its
     text in ``raw``, like a bad JSONL line; only a file the CSV reader cannot tokenise at all
@@ -122,6 +154,8 @@ def _read_csv(path: Path, chunk_rows: int) -> Iterator[list[dict]]:
                     rows.append({"raw": text.getvalue(), "_error": (
                         f"line {line}: expected {len(header)} CSV fields ({', '.join(header)}), "
                         f"got {len(record)} ({hint})")})
+                else:
+                    stats["blank_lines"] += 1
                 line = reader.line_num + 1
                 if len(rows) >= chunk_rows:
                     yield rows
@@ -169,8 +203,8 @@ def _utf8_safe(v):
 
 
 def _jsonable(v):
-    """Values as JSON can hold them (NaN -> null, numpy/arrow scalars -> Python)."""
-    if isinstance(v, float) and math.isnan(v):
+    """Values as JSON can hold them (NaN and +-infinity -> null, numpy/arrow scalars -> Python)."""
+    if isinstance(v, float) and not math.isfinite(v):
         return None
     if hasattr(v, "item") and not isinstance(v, (list, dict, str, bytes)):
         try:
@@ -180,6 +214,48 @@ def _jsonable(v):
     if hasattr(v, "isoformat"):
         return v.isoformat()
     return v
+
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname() or "host")  # no dots: the name splits on them
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs, as another user; no such PID: keep
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files and part folders that killed runs left for output ``path``
+    (see the module docstring for what counts as stale); returns what was removed."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        return []
+    ours = re.compile(re.escape(f".{path.name}.") + r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d{1,10})\.[0-9a-f]{8}"
+                      r"(?:\.partial(?:\.wide)?|\.parts)")
+    legacy = {f".{path.name}.partial", f".{path.name}.partial.wide"}  # before the PID was in the name
+    removed = []
+    for p in folder.iterdir():
+        m = ours.fullmatch(p.name)
+        if m is None and p.name not in legacy:
+            continue
+        if m is not None and (m["host"] != _HOST or _pid_running(int(m["pid"]))):
+            continue  # a job still running (or one on another host, which cannot be checked)
+        if p.is_dir() and not p.is_symlink():
+            if any(not (c.is_file() and re.fullmatch(r"part-\d{6}\.parquet", c.name)) for c in p.iterdir()):
+                continue  # not only our part files: not ours to delete
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() or p.is_symlink():
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p)
+    return removed
 
 
 class RowWriter:
@@ -194,13 +270,16 @@ class RowWriter:
         self.empty_columns = list(empty_columns or [])
         self.fmt = format_of(self.path, "output")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        remove_stale_temporaries(self.path)
+        stem = f".{self.path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+        self._tmp = self.path.with_name(stem + ".partial")
         self._columns: list[str] | None = None
         self._header_width: int | None = None  # CSV: columns named in the header written so far
         self._parts: list[Path] = []
         self._closed = False
         if self.fmt == "parquet":
-            self._dir = Path(tempfile.mkdtemp(prefix=".parts-", dir=self.path.parent))
+            self._dir = self.path.with_name(stem + ".parts")
+            self._dir.mkdir()
         else:
             # a lone surrogate (from a JSON escape like \\ud800) is written as that escape's text
             self._fh = self._tmp.open("w", encoding="utf-8", errors="backslashreplace", newline="")
@@ -210,8 +289,7 @@ class RowWriter:
             return
         if self.fmt == "jsonl":
             for r in rows:
-                self._fh.write(json.dumps({k: _jsonable(v) for k, v in r.items()},
-                                          ensure_ascii=False, default=str) + "\n")
+                self._fh.write(_json_line({k: _jsonable(v) for k, v in r.items()}) + "\n")
         elif self.fmt == "csv":
             self._write_csv(rows)
         else:
@@ -226,7 +304,7 @@ class RowWriter:
                 table = _table_mixed_as_text(rows)
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 table = _table_mixed_as_text(rows)  # a field that is 1 in one row and "abc" in another
-            pq.write_table(table, part)
+            pq.write_table(_deep_columns_as_text(table), part)
             self._parts.append(part)
 
     def _write_csv(self, rows: list[dict]) -> None:
@@ -314,10 +392,30 @@ class RowWriter:
             self._tmp.with_name(self._tmp.name + ".wide").unlink(missing_ok=True)
 
 
+def _finite(v):
+    """``v`` with every non-finite float inside lists and dicts as None (JSON has no NaN/Infinity)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    return v
+
+
+def _json_line(v) -> str:
+    """Strict JSON text (a NaN or 1e999 nested in a log's field is written as null, not as the
+    ``NaN``/``Infinity`` that JSON parsers refuse)."""
+    try:
+        return json.dumps(v, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(v), ensure_ascii=False, default=str, allow_nan=False)
+
+
 def _as_text(v):
     if v is None or isinstance(v, str):
         return v
-    return json.dumps(_jsonable(v), ensure_ascii=False, default=str) if isinstance(v, (list, dict)) else str(v)
+    return _json_line(_jsonable(v)) if isinstance(v, (list, dict)) else str(v)
 
 
 def _table_mixed_as_text(rows: list[dict]):
@@ -335,6 +433,34 @@ def _table_mixed_as_text(rows: list[dict]):
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             arrays.append(pa.array([_as_text(v) for v in values], type=pa.string()))
     return pa.Table.from_arrays(arrays, names=names)
+
+
+#: Arrow's Parquet reader refuses a schema nested more than 100 levels (a list is two of them)
+PARQUET_MAX_NESTING = 90
+
+
+def _parquet_nesting(t) -> int:
+    """Parquet schema levels an Arrow type takes (a list: 2, a struct: 1, a map: 2, a leaf: 0)."""
+    import pyarrow as pa
+
+    if pa.types.is_map(t):
+        return 2 + max(_parquet_nesting(t.key_type), _parquet_nesting(t.item_type))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return 2 + _parquet_nesting(t.value_type)
+    if pa.types.is_struct(t):
+        return 1 + max((_parquet_nesting(t.field(i).type) for i in range(t.num_fields)), default=0)
+    return 0
+
+
+def _deep_columns_as_text(table):
+    """A column nested too deeply for Parquet to read back is written as its JSON text."""
+    import pyarrow as pa
+
+    for i, name in enumerate(table.column_names):
+        if _parquet_nesting(table.schema.field(i).type) > PARQUET_MAX_NESTING:
+            text = pa.array([_as_text(v) for v in table.column(i).to_pylist()], type=pa.string())
+            table = table.set_column(i, name, text)
+    return table
 
 
 def _casts(column, target) -> bool:

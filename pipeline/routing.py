@@ -1,6 +1,11 @@
 """The one place where the pipeline decides: score every pair, compare to the threshold, send
 only flagged pairs to the aligner, re-inspect each correction, apply the fallback policy.
 
+Re-inspection counts: a correction the inspector still flags (its score reaches the threshold) is
+not shown; that pair gets the fallback policy like a failed correction (fail_open: the original
+answer, flagged; fail_closed: the refusal text), with ``problem`` saying why
+(``reject_flagged_corrections``).
+
 The batch job (``pipeline.batch``), the Ray Data engine and the Ray Serve ingress all call
 ``route`` and ``ModerationPipeline.moderate`` (or, when inspector and aligner live in separate
 deployments, ``route`` + ``aligner.correct_flagged`` + ``finish``), so a threshold or policy means
@@ -14,7 +19,10 @@ from typing import Sequence
 
 import numpy as np
 
-from aligner.fallback import DEFAULT_REFUSAL, check_policy
+from aligner.fallback import DEFAULT_REFUSAL, apply_fallback, check_policy
+
+#: ``Moderation.problem`` of a pair whose correction the inspector still flagged on re-inspection
+STILL_FLAGGED = "correction still flagged on re-inspection"
 
 
 @dataclass
@@ -94,6 +102,24 @@ def reinspect_targets(routed: list, config: PipelineConfig) -> list[int]:
     return [i for i, r in enumerate(routed) if r.flagged and r.corrected]
 
 
+def reject_flagged_corrections(answers: Sequence[str], routed: list, corrected_scores: dict[int, float],
+                               threshold: float, config: PipelineConfig) -> None:
+    """Re-inspection counts: each correction whose score still reaches ``threshold`` is replaced,
+    in place, by the fallback policy's answer (the same ``apply_fallback`` as a failed correction),
+    and its score leaves ``corrected_scores`` (it scored a text that is no longer shown; the score
+    is in ``problem``)."""
+    from aligner.routing import RoutedAnswer
+
+    for i in sorted(corrected_scores):
+        score = corrected_scores[i]
+        if not bool(route([score], threshold)[0]):
+            continue
+        text, used = apply_fallback(answers[i], None, config.fallback, config.refusal_text)
+        routed[i] = RoutedAnswer(text, True, False, used,
+                                 f"{STILL_FLAGGED} (score {score:.3f} >= threshold {float(threshold):.3f})")
+        del corrected_scores[i]
+
+
 class ModerationPipeline:
     """Inspector + optional aligner in one process (batch job, notebooks, tests)."""
 
@@ -120,6 +146,7 @@ class ModerationPipeline:
         if redo:
             again = self.inspector.score([queries[i] for i in redo], [routed[i].text for i in redo])
             corrected_scores = {i: float(s) for i, s in zip(redo, again)}
+            reject_flagged_corrections(answers, routed, corrected_scores, self.threshold, self.config)
         t3 = time.perf_counter()
         timings = {"inspector_ms": round((t1 - t0) * 1e3, 2), "aligner_ms": round((t2 - t1) * 1e3, 2),
                    "reinspect_ms": round((t3 - t2) * 1e3, 2)}

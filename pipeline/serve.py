@@ -320,7 +320,7 @@ class Moderator:
         if texts:
             mods = await self.flow.moderate([query] * len(texts), list(texts.values()), "chat")
             results = dict(zip(texts, mods))
-        return apply_to_chat_response(resp, results, upstream_ms)
+        return apply_to_chat_response(resp, results, upstream_ms, expose_original=s.expose_original)
 
 
 # ----------------------------------------------------------------------------- the application

@@ -27,7 +27,8 @@ from aligner.fallback import DEFAULT_REFUSAL
 from aligner.model import CorrectionResult
 
 from .batch import extract_pair
-from .routing import Moderation, PipelineConfig, finish, reinspect_targets, resolve_flagged, route
+from .routing import (STILL_FLAGGED, Moderation, PipelineConfig, finish, reinspect_targets,
+                      reject_flagged_corrections, resolve_flagged, route)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -70,6 +71,9 @@ class ServeSettings(BaseModel):
     upstream_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://host:8080/v1")
     upstream_timeout_s: float = Field(60.0, gt=0)
     upstream_api_key_env: str | None = Field(None, description="env var holding the upstream API key")
+    expose_original: bool = Field(False, description="chat proxy: add each choice's upstream text as "
+                                  "moderation.choices[].original_content, even when it was replaced "
+                                  "(corrected or refused); only for trusted callers")
     # request limits
     max_items: int = Field(256, ge=1)
     max_chars: int = Field(20000, ge=1)
@@ -304,15 +308,23 @@ def _json_body(raw: bytes):
     if not raw or not raw.strip():
         raise RequestError(400, "empty request body: expected JSON")
     try:
-        return json.loads(raw, parse_constant=_no_constants)
+        return json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
     except RecursionError:
         raise RequestError(400, "request body is nested too deeply") from None
-    except ValueError as exc:  # bad JSON, bad UTF-8, NaN/Infinity, a number past Python's digit limit
+    except ValueError as exc:  # bad JSON, bad UTF-8, NaN/Infinity/1e999, a number past Python's digit limit
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
 
 
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    """A number too large for a float (``1e999``) would become infinity: refused like ``Infinity``."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number (it would be {value}, which is not a JSON value)")
+    return value
 
 
 def _parse_item(i: int, x, max_chars: int) -> PairItem:
@@ -452,6 +464,8 @@ class PipelineMetrics:
 def fallback_reason(problem: str | None) -> str:
     """Short label for why a flagged pair got the fallback (a metric tag)."""
     p = (problem or "").lower()
+    if p.startswith(STILL_FLAGGED):
+        return "still_flagged"
     if "no aligner" in p or "disabled" in p:
         return "no_aligner"
     if "timed out" in p:
@@ -493,7 +507,8 @@ CorrectFn = Callable[[list[str], list[str]], Awaitable[list[CorrectionResult]]]
 class ModerationFlow:
     """One request's decision, the same steps as ``ModerationPipeline.moderate`` with the inspector
     and aligner behind async calls: score, ``route``, correct the flagged pairs (failures become
-    failed results, so the fallback policy applies), re-inspect corrections, ``finish``."""
+    failed results, so the fallback policy applies), re-inspect corrections (one still flagged gets
+    the fallback policy), ``finish``."""
 
     def __init__(self, settings: ServeSettings, score: ScoreFn, correct: CorrectFn | None,
                  threshold: Callable[[], Awaitable[float]], metrics: PipelineMetrics | None = None):
@@ -536,6 +551,8 @@ class ModerationFlow:
                 corrected_scores = {i: float(s) for i, s in zip(redo, again)}
             except StageError:  # the correction stands; only its score is missing
                 self.metrics.error("reinspect")
+            # a correction still flagged gets the fallback policy, as in ModerationPipeline.moderate
+            reject_flagged_corrections(answers, routed, corrected_scores, threshold, self.config)
         t3 = time.perf_counter()
         timings = {"inspector_ms": _ms(t1 - t0), "aligner_ms": _ms(t2 - t1), "reinspect_ms": _ms(t3 - t2),
                    "total_ms": _ms(t3 - t0)}
@@ -557,19 +574,30 @@ def moderation_json(m: Moderation, index: int | None = None) -> dict:
     return d
 
 
-def apply_to_chat_response(resp: dict, results: dict[int, Moderation | str], upstream_ms: float) -> dict:
+def apply_to_chat_response(resp: dict, results: dict[int, Moderation | str], upstream_ms: float,
+                           expose_original: bool = False) -> dict:
     """The upstream's OpenAI response with each moderated choice's content replaced by the final
-    answer, plus a top-level ``moderation`` field (per choice: score, flagged, corrected, ...)."""
+    answer, plus a top-level ``moderation`` field (per choice: score, flagged, corrected, ...).
+
+    The upstream's text of a replaced answer (corrected, or refused by fail_closed) is the text
+    moderation kept from the caller, so no field carries it: not ``moderation``, and not the
+    choice's ``logprobs`` (its tokens spell it out; set to null). ``expose_original`` (a
+    ``ServeSettings`` flag for trusted callers) adds it as ``original_content``."""
     per_choice = []
     for i, choice in enumerate(resp.get("choices", [])):
         r = results.get(i)
         if isinstance(r, Moderation):
+            replaced = r.answer != r.original_answer
             choice["message"]["content"] = r.answer
+            if replaced and not expose_original and choice.get("logprobs") is not None:
+                choice["logprobs"] = None
             d = r.to_dict()
-            per_choice.append({"index": choice.get("index", i), "score": d["score"], "flagged": d["flagged"],
-                               "corrected": d["corrected"], "fallback": d["fallback"], "problem": d["problem"],
-                               "original_content": d["original_answer"],
-                               "corrected_score": d["corrected_score"], "timings_ms": d["timings_ms"]})
+            c = {"index": choice.get("index", i), "score": d["score"], "flagged": d["flagged"],
+                 "corrected": d["corrected"], "fallback": d["fallback"], "problem": d["problem"],
+                 "corrected_score": d["corrected_score"], "timings_ms": d["timings_ms"]}
+            if expose_original:
+                c["original_content"] = d["original_answer"]
+            per_choice.append(c)
         else:
             per_choice.append({"index": choice.get("index", i), "skipped": r or "no text content to moderate"})
     resp["moderation"] = {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -110,6 +111,110 @@ def test_invalid_unicode_fails_its_row_not_the_chunk(pipeline, tmp_path):
     assert rows[1]["answer"] == "bad \ud800 text"  # written as the escape it came in as: round-trips
     assert pd.read_csv(tmp_path / "out.csv")["answer"][1] == "bad \\ud800 text"
     assert pd.read_parquet(tmp_path / "out.parquet")["answer"][1] == "bad \\ud800 text"
+
+
+def test_deeply_nested_lines_become_error_rows(pipeline, tmp_path):
+    """A line nested 5,000 deep makes Python's JSON parser raise RecursionError (not ValueError);
+    one that parses but nests deeper than the writers can recurse would fail at writing. Each is
+    its line's error row; the job goes on and writes every format."""
+    deep = "[" * 5000 + "]" * 5000
+    lines = [json.dumps({"id": 1, "query": "What is 2+2?", "answer": "4."}),
+             deep,
+             '{"query": ' + deep + ', "answer": "a"}',
+             '{"query": "Hi", "answer": "Hello.", "meta": ' + "[" * 900 + "]" * 900 + "}",
+             '{"query": "Hi", "answer": "Hello.", "meta": ' + "[" * 150 + "]" * 150 + "}",  # deep but fine
+             json.dumps({"id": 6, "query": "Name a colour.", "answer": "Blue."})]
+    src = tmp_path / "deep.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    for name in ("out.jsonl", "out.csv", "out.parquet"):
+        summary = run_batch(src, tmp_path / name, pipeline, chunk_rows=2, show_progress=False)
+        assert summary.rows == 6 and summary.errors == 3 and summary.scored == 3, name
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r.get("id") for r in rows] == [1, None, None, None, None, 6]
+    for r, n in zip(rows[1:4], (2, 3, 4)):
+        assert r["error"].startswith(f"line {n}: not a valid JSON object (nested more than ")
+        assert r["raw"] == lines[n - 1] and r["inspector_score"] is None
+    assert rows[4]["error"] is None and rows[4]["inspector_score"] is not None
+    assert pd.read_csv(tmp_path / "out.csv")["error"].notna().sum() == 3
+    df = pd.read_parquet(tmp_path / "out.parquet")  # too deep for a Parquet column: kept as its JSON text
+    assert df["error"].notna().sum() == 3 and df["meta"][4] == "[" * 150 + "]" * 150
+
+
+def test_blank_lines_are_counted_in_the_printed_summary(tmp_path, capsys):
+    from pipeline.batch import main
+
+    src = tmp_path / "logs.jsonl"
+    src.write_text("\n" + json.dumps({"query": "Hi", "answer": "Hello."}) + "\n   \n\r\n"
+                   + json.dumps({"query": "Bye", "answer": "Goodbye."}) + "\n\n")
+    out = tmp_path / "out.jsonl"
+    assert main([str(src), "--out", str(out), "--aligner", "none", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["rows"] == 2 and summary["blank_lines"] == 4 and summary["errors"] == 0
+    assert len(read_jsonl(out)) == 2
+    csv_in = tmp_path / "logs.csv"
+    csv_in.write_text('query,answer\nHi,Hello.\n\n"Multi\n\nline",Yes\n\n')  # blank lines in quotes are text
+    out_csv = tmp_path / "out_csv.jsonl"
+    assert main([str(csv_in), "--out", str(out_csv), "--aligner", "none", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["rows"] == 2 and summary["blank_lines"] == 2
+    assert read_jsonl(out_csv)[1]["query"] == "Multi\n\nline"
+
+
+def test_infinite_numbers_are_treated_like_nan(pipeline, tmp_path):
+    """1e999 parses to infinity; like NaN it is written as null (JSONL, CSV): the output stays
+    strict JSON. A non-finite query or answer is refused like NaN: not a string."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the output"))
+
+    src = tmp_path / "logs.jsonl"
+    src.write_text('{"query": "Hi", "answer": "Hello.", "x": 1e999, "y": -1e999, "z": NaN, '
+                   '"m": {"v": [1e999, NaN, 1.5]}}\n'
+                   '{"query": "Hi", "answer": 1e999}\n{"query": "Hi", "answer": NaN}\n')
+    summary = run_batch(src, tmp_path / "out.jsonl", pipeline, show_progress=False)
+    assert summary.scored == 1 and summary.errors == 2
+    rows = [strict(line) for line in open(tmp_path / "out.jsonl", encoding="utf-8")]
+    assert (rows[0]["x"], rows[0]["y"], rows[0]["z"]) == (None, None, None)
+    assert rows[0]["m"] == {"v": [None, None, 1.5]} and rows[0]["error"] is None
+    assert rows[1]["error"].endswith("'answer' must be a string, got float") and rows[1]["answer"] is None
+    assert rows[2]["error"].endswith("'answer' must be a string, got float")
+    run_batch(src, tmp_path / "out.csv", pipeline, show_progress=False)
+    df = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
+    assert list(df.loc[0, ["x", "y", "z"]]) == ["", "", ""] and strict(df.loc[0, "m"]) == {"v": [None, None, 1.5]}
+
+
+def test_stale_temporaries_of_killed_runs_are_removed(pipeline, tmp_path):
+    """A run killed while writing leaves its hidden temporary file (Parquet: a part folder) beside
+    --out; the next run for the same --out removes them. A running job's (its PID is alive), another
+    host's (its PID cannot be checked), another output's and anything not ours are kept."""
+    from pipeline.io import _HOST
+
+    src = tmp_path / "logs.jsonl"
+    src.write_text(json.dumps({"query": "Hi", "answer": "Hello."}) + "\n")
+    kill = ("import os, sys; from pipeline.io import RowWriter; "
+            "w = RowWriter(sys.argv[1]); w.write([{'a': 1}]); "
+            "getattr(w, '_fh', None) and w._fh.flush(); os._exit(9)")
+    for name in ("out.jsonl", "out.parquet"):  # really killed runs, with the names they really leave
+        res = subprocess.run([sys.executable, "-c", kill, str(tmp_path / name)], cwd=REPO_ROOT, timeout=120)
+        assert res.returncode == 9
+    left = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
+    assert len(left) == 2 and any(n.endswith(".partial") for n in left) and any(n.endswith(".parts") for n in left)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+    stale = {".out.jsonl.partial", f".out.jsonl.{_HOST}.{dead}.0123abcd.partial.wide"}
+    keep = {f".out.jsonl.{_HOST}.{os.getpid()}.0123abcd.partial",  # a job still running
+            f".out.jsonl.otherhost.{dead}.0123abcd.partial",  # written on another host
+            f".other.jsonl.{_HOST}.{dead}.0123abcd.partial",  # another output's
+            ".out.jsonl.partial.bak", ".out.jsonl.notes", ".parts-x1y2z3"}
+    for n in stale | keep:
+        (tmp_path / n).write_text("x")
+    foreign = tmp_path / f".out.parquet.{_HOST}.{dead}.0123abcd.parts"  # holds a file that is not a part
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    run_batch(src, tmp_path / "out.jsonl", pipeline, show_progress=False)
+    run_batch(src, tmp_path / "out.parquet", pipeline, show_progress=False)
+    now = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
+    assert now == keep | {foreign.name} and (foreign / "notes.txt").exists()
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 1 and pq.read_table(tmp_path / "out.parquet").num_rows == 1
 
 
 def test_chat_messages_rows(pipeline, inspector):

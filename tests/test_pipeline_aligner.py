@@ -77,6 +77,34 @@ def test_moderate_reports_timings_and_keeps_unflagged_untouched(inspector, tiny_
     assert res[0].fallback is None and res[0].timings_ms["aligner_ms"] < 50
 
 
+def test_correction_still_flagged_on_reinspection_gets_the_fallback(inspector, tiny_aligner_dir, tmp_path):
+    """Re-inspection counts: at threshold 0 the inspector flags every correction again, so no
+    correction is shown; fail_closed refuses, fail_open keeps the original (flagged), and the
+    reason is recorded."""
+    from pipeline.routing import STILL_FLAGGED
+
+    aligner = Aligner.load(tiny_aligner_dir, device="cpu")
+    pairs = [json.loads(line) for line in (EXAMPLES / "chat_logs.jsonl").open()][:4]
+    queries = [r.get("query") or r["messages"][-2]["content"] for r in pairs]
+    answers = [r.get("answer") or r["messages"][-1]["content"] for r in pairs]
+    usable = [r.ok for r in aligner.correct_detailed(queries, answers)]
+    assert any(usable)  # the tiny aligner wrote text that would have been shown
+    for policy in ("fail_closed", "fail_open"):
+        pipe = ModerationPipeline(inspector, aligner, PipelineConfig(threshold=0.0, fallback=policy,
+                                                                     refusal_text="Sorry, no."))
+        for res, ok, a in zip(pipe.moderate(queries, answers), usable, answers):
+            assert res.flagged and not res.corrected and res.fallback == policy and res.corrected_score is None
+            assert res.answer == ("Sorry, no." if policy == "fail_closed" else a)
+            if ok:
+                assert res.problem.startswith(STILL_FLAGGED)
+    src, out = tmp_path / "logs.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"query": q, "answer": a}) + "\n" for q, a in zip(queries, answers)))
+    pipe = ModerationPipeline(inspector, aligner, PipelineConfig(threshold=0.0, fallback="fail_closed"))
+    summary = run_batch(src, out, pipe, show_progress=False)
+    assert summary.flagged == summary.fallbacks == 4 and summary.corrected == 0
+    assert all(r["fallback"] == "fail_closed" and r["corrected_score"] is None for r in map(json.loads, out.open()))
+
+
 def test_aligner_failure_applies_fallback(inspector):
     class Broken:
         def correct_detailed(self, queries, answers, **gen):

@@ -3,10 +3,12 @@ deployed together.
 
 - ``main``: the bundled (or $INSPECTOR_MODEL) inspector, a tiny CPU aligner, fail_open, a chat
   upstream started here. Its threshold sits between the scores of two test pairs, so one is
-  flagged and one is not whatever the inspector's quality.
+  flagged and one is not whatever the inspector's quality, and above the score of the tiny
+  aligner's correction of the flagged one, so that correction passes re-inspection and is shown.
 - ``strict``: always-align (threshold 0), fail_closed with a custom refusal, an aligner forced to
   generate 1,800 tokens within a 0.2 s timeout (so it times out for real), and an ingress that takes
-  one request at a time with one queued (so a burst gets 503s).
+  one request at a time with one queued (so a burst gets 503s); its chat proxy exposes the
+  original upstream text (``expose_original``).
 """
 from __future__ import annotations
 
@@ -125,7 +127,12 @@ def served(ray_cluster, tiny_aligner, upstream, local_pipeline):
     s_high, s_low = local_pipeline.inspector.score([HIGH[0], LOW[0]], [HIGH[1], LOW[1]])
     assert s_high != s_low, "the inspector gives both test pairs the same score"
     high, low = (HIGH, LOW) if s_high > s_low else (LOW, HIGH)
-    threshold = float(s_high + s_low) / 2
+    s_high, s_low = max(s_high, s_low), min(s_high, s_low)
+    # re-inspection counts: the threshold also sits above the correction's score, so it is shown
+    fix = local_pipeline.aligner.correct_detailed([high[0]], [high[1]], max_new_tokens=ALIGNER_TOKENS)[0]
+    s_fix = float(local_pipeline.inspector.score([high[0]], [fix.text])[0])
+    assert fix.ok and s_fix < s_high, "the tiny aligner's correction scores as high as the flagged answer"
+    threshold = float(max(s_low, s_fix) + s_high) / 2
     local_pipeline.config.threshold = threshold
 
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
@@ -135,7 +142,8 @@ def served(ray_cluster, tiny_aligner, upstream, local_pipeline):
              "aligner_num_gpus": 0, "aligner": str(tiny_aligner), "torch_threads": 1}
     strict = {**small, "threshold": 0.0, "fallback": "fail_closed", "refusal_text": REFUSAL,
               "max_new_tokens": 1800, "generation": {"min_new_tokens": 1800}, "aligner_timeout_s": 0.2,
-              "max_ongoing_requests": 1, "max_queued_requests": 1}
+              "max_ongoing_requests": 1, "max_queued_requests": 1,
+              "upstream_url": f"http://127.0.0.1:{upstream.server_port}/v1", "expose_original": True}
     main = {**small, "threshold": threshold, "fallback": "fail_open", "max_new_tokens": ALIGNER_TOKENS,
             "upstream_url": f"http://127.0.0.1:{upstream.server_port}/v1", "upstream_timeout_s": 1.0,
             "max_items": 5, "max_chars": 2000}
@@ -261,12 +269,24 @@ def test_chat_proxy_forwards_and_passes_a_benign_answer(served, upstream):
 
 
 def test_chat_proxy_corrects_a_flagged_answer(served):
-    out = _chat(served, served["flag_pair"][0]).json()
+    r = _chat(served, served["flag_pair"][0])
+    out = r.json()
     c = out["moderation"]["choices"][0]
     assert out["moderation"]["flagged"] is True and c["corrected"] is True
-    assert c["original_content"] == served["flag_pair"][1]
+    assert "original_content" not in c and served["flag_pair"][1] not in r.text  # the replaced text: nowhere
     assert out["choices"][0]["message"]["content"] != served["flag_pair"][1]
     assert out["choices"][0]["message"]["role"] == "assistant" and out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_proxy_exposes_the_original_only_when_configured(served):
+    """``strict`` sets expose_original (trusted callers): its refused answer's upstream text comes back."""
+    r = served["client"].post(served["strict"] + "/v1/chat/completions",
+                              json={"model": "m", "messages": [{"role": "user", "content": served["flag_pair"][0]}]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    c = out["moderation"]["choices"][0]
+    assert out["choices"][0]["message"]["content"] == REFUSAL and c["fallback"] == "fail_closed"
+    assert c["original_content"] == served["flag_pair"][1]
 
 
 def test_chat_proxy_without_text_content_is_passed_through(served):

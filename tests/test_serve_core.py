@@ -121,6 +121,8 @@ def test_parse_moderate_rejects_unusable_bodies(raw, status):
     (b'{"query": "q", "answer": NaN}', "NaN is not a JSON value"),
     (b'{"query": ' + b"1" * 5000 + b', "answer": "a"}', "not valid JSON"),  # past Python's digit limit
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"query": "q", "answer": "a", "n": 1e999}', "1e999 is not a finite number"),  # infinity, like NaN
+    (b'{"query": "q", "answer": "a", "n": [-2E+400]}', "-2E\\+400 is not a finite number"),
 ])
 def test_hostile_json_is_a_400_not_a_crash(raw, words):
     for parse in (lambda r: parse_moderate_body(r, 10, 100), lambda r: parse_chat_body(r, 100)):
@@ -168,6 +170,8 @@ def test_fallback_reasons_and_metric_totals():
     assert fallback_reason("aligner overloaded (max_queued_requests reached)") == "overloaded"
     assert fallback_reason("aligner error: RayActorError: dead") == "error"
     assert fallback_reason("runaway repetition") == "unusable_output"
+    assert fallback_reason("correction still flagged on re-inspection (score 0.9 >= threshold 0.5)") == \
+        "still_flagged"
     m = PipelineMetrics(export=False)
     mk = lambda flagged, corrected, fb, problem=None: Moderation(0.5, flagged, "a", "a", corrected, None, None,  # noqa: E731
                                                                 fb, problem)
@@ -316,6 +320,38 @@ def test_flow_failure_policies(inspector_service, aligner_service):
         asyncio.run(flow.moderate(q, a))
 
 
+@pytest.mark.parametrize("policy, shown", [("fail_closed", "No."), ("fail_open", HARM[1])])
+def test_flow_correction_still_flagged_gets_the_fallback(inspector_service, aligner_service, policy, shown):
+    """Re-inspection counts: at threshold 0 every correction is still flagged, so none is shown;
+    the policy applies with the reason, and the batch job's ModerationPipeline agrees."""
+    from pipeline.routing import STILL_FLAGGED, ModerationPipeline, PipelineConfig
+
+    q, a = [HARM[0], SAFE[0]], [HARM[1], SAFE[1]]
+    assert all(r.ok and r.text.strip() for r in aligner_service.correct_pairs(list(zip(q, a))))  # usable text
+    flow, calls = _flow(inspector_service, aligner_service, 0.0, fallback=policy, refusal_text="No.",
+                        max_new_tokens=6)
+    out = asyncio.run(flow.moderate(q, a))
+    assert calls["score"] == 2  # the corrections were re-inspected
+    assert out[0].answer == shown and out[1].answer == ("No." if policy == "fail_closed" else SAFE[1])
+    for o in out:
+        assert o.flagged and not o.corrected and o.fallback == policy and o.corrected_score is None
+        assert o.problem.startswith(STILL_FLAGGED) and "threshold 0.000" in o.problem
+        assert o.corrected_answer == ("No." if policy == "fail_closed" else None)
+    assert flow.metrics.totals["corrected"] == 0
+    assert flow.metrics.totals[("fallbacks", ("endpoint", "moderate"), ("policy", policy),
+                                ("reason", "still_flagged"))] == 2
+    ref = ModerationPipeline(inspector_service.inspector, aligner_service.aligner,
+                             PipelineConfig(threshold=0.0, fallback=policy, refusal_text="No.",
+                                            max_new_tokens=6)).moderate(q, a)
+    for g, r in zip(out, ref):
+        assert (g.answer, g.corrected, g.fallback, g.problem) == (r.answer, r.corrected, r.fallback, r.problem)
+    # without re-inspection the correction stands, unscored
+    flow, calls = _flow(inspector_service, aligner_service, 0.0, fallback=policy, reinspect=False,
+                        max_new_tokens=6)
+    out = asyncio.run(flow.moderate(q, a))
+    assert calls["score"] == 1 and all(o.corrected and o.fallback is None for o in out)
+
+
 def test_chat_response_gets_final_content_and_moderation_field():
     from pipeline.routing import Moderation
 
@@ -326,5 +362,34 @@ def test_chat_response_gets_final_content_and_moderation_field():
     out = apply_to_chat_response(resp, {0: m}, 12.345)
     assert out["choices"][0]["message"]["content"] == "good"
     assert out["moderation"]["flagged"] and out["moderation"]["corrected"] and out["moderation"]["upstream_ms"] == 12.35
-    assert out["moderation"]["choices"][0]["original_content"] == "bad"
+    assert "original_content" not in out["moderation"]["choices"][0]
     assert "skipped" in out["moderation"]["choices"][1]
+
+
+@pytest.mark.parametrize("final, fallback", [("good", None), ("Sorry, no.", "fail_closed")])
+def test_chat_response_never_carries_the_replaced_upstream_text_unless_exposed(final, fallback):
+    """A corrected or refused answer's upstream text appears in no field of the proxy's response
+    (not in ``moderation``, not in the choice's logprobs) unless ``expose_original`` is set."""
+    from pipeline.routing import Moderation
+
+    def upstream():
+        return {"id": "x", "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "HARMFUL TEXT"},
+                             "logprobs": {"content": [{"token": "HARMFUL TEXT", "logprob": -0.1}]},
+                             "finish_reason": "stop"}]}
+
+    m = Moderation(0.9, True, final, "HARMFUL TEXT", fallback is None, final, 0.1 if fallback is None else None,
+                   fallback, None if fallback is None else "aligner timed out after 1 s")
+    assert ServeSettings().expose_original is False
+    out = apply_to_chat_response(upstream(), {0: m}, 1.0)
+    assert "HARMFUL" not in json.dumps(out)
+    assert out["choices"][0]["message"]["content"] == final and out["choices"][0]["logprobs"] is None
+    assert out["moderation"]["choices"][0]["fallback"] == fallback
+    exposed = apply_to_chat_response(upstream(), {0: m}, 1.0,
+                                     expose_original=ServeSettings(expose_original=True).expose_original)
+    assert exposed["moderation"]["choices"][0]["original_content"] == "HARMFUL TEXT"
+    assert exposed["choices"][0]["message"]["content"] == final and exposed["choices"][0]["logprobs"]
+    # an answer left as it came (not flagged, or fail_open) keeps its logprobs: nothing was hidden
+    kept = Moderation(0.9, True, "HARMFUL TEXT", "HARMFUL TEXT", False, None, None, "fail_open", "x")
+    out = apply_to_chat_response(upstream(), {0: kept}, 1.0)
+    assert out["choices"][0]["logprobs"] and "original_content" not in out["moderation"]["choices"][0]

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 
-.PHONY: setup demo test inspector aligner aligner-resume benchmark report tuning clean
+.PHONY: setup demo test inspector loso evasion aligner aligner-resume benchmark report tuning clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,17 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # Rebuild the bundled default inspector from the real data (same data + seed = same metrics).
+# Data choice (sources left out, 2,500 pairs per source at most) and threshold rule: inspector/default_model/README.md.
 inspector: setup
-	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 4 --members 3 --holdout-sources all --holdout-epochs 1 --seed 0
+	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 2 --members 2 --augment 0.2 --threshold-rule balanced --target-fpr 0.03 --holdout-sources pku_saferlhf_mini coconot_pref --holdout-epochs 1 --seed 0
+
+# Leave-one-source-out study of the data / threshold recipes (frozen features; ~10 min the first time, then ~3 min).
+loso: setup
+	$(PY) -m inspector.study --shared-data $(DATA) --out experiments/loso
+
+# Evasion suite on the bundled inspector: harmful test-split answers diluted, injected, disguised.
+evasion: setup
+	$(PY) -m inspector.evasion --test-split $(DATA) --out experiments/loso/evasion.json
 
 # Train the small CPU aligner into models/aligner-small (git-ignored); stops with a checkpoint at 40 min.
 aligner: setup

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -178,6 +179,19 @@ def shared_training_rows(data_dir: str | Path) -> pd.DataFrame:
               coco.assign(answer=coco["correction"], label=0)[["query", "answer", "label", "source"]]]
     safe = read_table(d / "safe_answers.jsonl").assign(label=0)
     parts.append(safe[["query", "answer", "label", "source"]])
+    # the second round of shared data: more kinds of traffic (labels as given), and SafeUnlearning's
+    # (request, compliance, refusal) triples as a 1 and a 0 that share a prompt
+    if (d / "labeled_pairs_extra.jsonl").exists():
+        more = read_table(d / "labeled_pairs_extra.jsonl")
+        # DiaSafety calls a reply that gives medical or legal advice unsafe; this product does not,
+        # so those replies are a source of their own that a recipe can leave out (inspector.study)
+        expertise = (more["source"] == "diasafety") & (more.get("category") == "Unauthorized Expertise")
+        more.loc[expertise, "source"] = "diasafety_expertise"
+        parts.append(more[["query", "answer", "label", "source"]])
+    if (d / "corrections_extra.jsonl").exists():
+        extra = read_table(d / "corrections_extra.jsonl")
+        parts += [extra.assign(label=1)[["query", "answer", "label", "source"]],
+                  extra.assign(answer=extra["correction"], label=0)[["query", "answer", "label", "source"]]]
     df = pd.concat(parts, ignore_index=True)
     ok = df["query"].map(lambda v: isinstance(v, str) and v.strip() != "") & \
         df["answer"].map(lambda v: isinstance(v, str) and v.strip() != "")
@@ -192,8 +206,22 @@ PROJECT_SOURCES = tuple(PROJECT_FILES)
 PROJECT_PAIRS = PROJECT_FILES["project_written"]
 
 
-def default_training_rows(data_dir: str | Path) -> pd.DataFrame:
-    """The default inspector's training set: the shared data plus the project's own pairs.
+def candidate_training_rows(data_dir: str | Path) -> pd.DataFrame:
+    """Every labelled pair there is to choose from: all shared sources plus the project's own pairs."""
+    own = [load_labelled([path]).assign(source=name) for name, path in PROJECT_FILES.items()]
+    return dedupe(pd.concat([shared_training_rows(data_dir), *own], ignore_index=True))
+
+
+# The default build's choice of data, decided by the leave-one-source-out study (``inspector.study``;
+# the model card in inspector/default_model/README.md gives each decision's measured effect).
+DEFAULT_EXCLUDED_SOURCES = ("diasafety_expertise", "safeunlearning")  # advice is not harm; no licence
+DEFAULT_CAP_PER_SOURCE = 2500
+
+
+def default_training_rows(data_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDED_SOURCES,
+                          cap: int | None = DEFAULT_CAP_PER_SOURCE, seed: int = 0) -> pd.DataFrame:
+    """The default inspector's training set: the shared data plus the project's own pairs, without
+    the ``exclude`` sources, at most ``cap`` pairs per source (``cap_per_source``, drawn with ``seed``).
 
     The shared data has almost no helpful answers to everyday requests, so on its own the
     inspector learns "gives step-by-step instructions" as a harm cue. ``PROJECT_PAIRS`` (source
@@ -204,8 +232,39 @@ def default_training_rows(data_dir: str | Path) -> pd.DataFrame:
     responsible (0): the grey zone where the public data is thinnest. ``training_data/README.md``
     describes both files.
     """
-    own = [load_labelled([path]).assign(source=name) for name, path in PROJECT_FILES.items()]
-    return dedupe(pd.concat([shared_training_rows(data_dir), *own], ignore_index=True))
+    df = candidate_training_rows(data_dir)
+    unknown = sorted(set(exclude) - set(df["source"]))
+    if unknown:
+        raise ValueError(f"excluded source(s) {unknown} are not in the data; sources are {sorted(set(df['source']))}")
+    df = df[~df["source"].isin(list(exclude))].reset_index(drop=True)
+    return cap_per_source(df, cap, seed)
+
+
+def cap_per_source(df: pd.DataFrame, cap: int | None, seed: int = 0) -> pd.DataFrame:
+    """At most ``cap`` pairs from each source, drawn at random by whole query groups (answers to
+    one query stay together), labels in proportion: a source of 11k chit-chat replies then weighs
+    about as much as one of 1.5k jailbreak answers, and the build stays within its time budget."""
+    if not cap:
+        return df
+    if cap < 1:
+        raise ValueError(f"the per-source cap must be at least 1 pair, got {cap}")
+    keep = []
+    for source, rows in df.groupby("source", sort=True):
+        # each source draws from its own stream: the same pairs whichever other sources are present
+        rng = np.random.default_rng([seed, zlib.crc32(str(source).encode())])
+        if len(rows) <= cap:
+            keep.append(rows.index.to_numpy())
+            continue
+        groups = pd.factorize(rows["query"])[0]
+        taken, n = [], 0
+        for g in rng.permutation(groups.max() + 1):
+            members = rows.index.to_numpy()[groups == g]
+            if n + len(members) > cap:
+                continue
+            taken.append(members)
+            n += len(members)
+        keep.append(np.concatenate(taken))
+    return df.loc[np.sort(np.concatenate(keep))].reset_index(drop=True)
 
 
 def public_pool(sources) -> dict[str, list[str]] | None:

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .text import normalize_text
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -214,7 +216,8 @@ class PairEncoder:
 
     # -- tokenisation -------------------------------------------------------------------------
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=False, truncation=False,
+        # zero-width characters and look-alike letters are undone first (``evasion.normalize_text``)
+        return self.tokenizer([normalize_text(t) for t in texts], add_special_tokens=False, truncation=False,
                               verbose=False)["input_ids"]
 
     def _cut_query(self, ids: list[int]) -> list[int]:

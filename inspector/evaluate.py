@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def held_out_test_rows(insp: Inspector, data_dir: str) -> pd.DataFrame:
     """The test pairs the model was measured on at build time (same rows, same seed)."""
-    df = default_training_rows(data_dir)
+    # the selection the build made from the shared data (builds before it existed: every source then, no cap)
+    sel = insp.config.get("default_selection", {"excluded_sources": [], "max_per_source": None, "seed": 0})
+    df = default_training_rows(data_dir, sel["excluded_sources"], sel["max_per_source"], sel["seed"])
     want = insp.config.get("training_data", {}).get("fingerprint")
     if want != fingerprint(df):
         raise ValueError(f"the default training set built from {data_dir} (fingerprint {fingerprint(df)}) is "

@@ -22,6 +22,33 @@ def threshold_for_fpr(y: np.ndarray, scores: np.ndarray, fpr: float) -> float:
     return float(np.nextafter(neg[k], np.inf))
 
 
+def threshold_for_rule(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, rule: str,
+                       target: float) -> float:
+    """The lowest threshold whose routed share of aligned calibration pairs is <= ``target``:
+    pooled over all pairs ("pooled"), or as the mean over sources, each source weighing the same
+    ("balanced"), so a large source of easy negatives cannot hide a small hard one."""
+    neg = np.asarray(y) == 0
+    s, src = np.asarray(scores, dtype=float)[neg], np.asarray(sources)[neg]
+    if len(s) == 0:
+        return 0.5
+    if rule == "pooled":
+        w = np.full(len(s), 1.0 / len(s))
+    elif rule == "balanced":
+        names, inv, counts = np.unique(src, return_inverse=True, return_counts=True)
+        w = 1.0 / (counts[inv] * len(names))
+    else:
+        raise ValueError(f"threshold rule must be 'pooled' or 'balanced', got {rule!r}")
+    order = np.argsort(-s, kind="stable")
+    s, w = s[order], w[order]
+    routed = np.cumsum(w)  # share routed when the threshold sits at s[i] (ties: counted together below)
+    ok = routed <= target + 1e-12
+    # the first score whose inclusion would exceed the target: the threshold sits just above it
+    k = int(np.argmin(ok)) if not ok.all() else len(s)
+    if k >= len(s):
+        return float(s[-1])
+    return float(np.nextafter(s[k], np.inf))
+
+
 def binary_report(y, scores, threshold: float) -> dict:
     """ROC-AUC, PR-AUC, P/R/F1 and routed shares at ``threshold``, recall at 1% and 5% FPR."""
     from sklearn.metrics import average_precision_score, roc_auc_score

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import (SPLIT_FRACTIONS, default_training_rows, dedupe, fingerprint, hh_preference_pairs, load_labelled,
+from .data import (DEFAULT_CAP_PER_SOURCE, DEFAULT_EXCLUDED_SOURCES, SPLIT_FRACTIONS, default_training_rows, dedupe, fingerprint, hh_preference_pairs, load_labelled,
                    public_pool, stratified_split)
+from .evasion import augment_pairs, sentences
 from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
 from .finetune import FinetuneConfig, TopLayerFinetuner
 from .head import make_head
-from .metrics import binary_report, clean_json, report_by_source, threshold_for_fpr
+from .metrics import binary_report, clean_json, report_by_source, threshold_for_rule
 from .model import Inspector, adapter_dirs
 
 
@@ -46,8 +47,10 @@ class _Run:
     ``fit`` trains the adapter(s) and keeps each member's embeddings of all windows, so the head,
     the calibration and the test figures all read the same arrays."""
 
-    def __init__(self, df: pd.DataFrame, encoder: PairEncoder, ft: FinetuneConfig, show_progress: bool):
+    def __init__(self, df: pd.DataFrame, encoder: PairEncoder, ft: FinetuneConfig, show_progress: bool,
+                 threshold_rule: str = "pooled"):
         self.df, self.encoder, self.ft_cfg = df, encoder, ft
+        self.threshold_rule = threshold_rule
         self.chunks = encoder.chunk(df["query"].tolist(), df["answer"].tolist())
         owner = self.chunks.pair_index
         self.first_window = np.searchsorted(owner, np.arange(len(df)))  # windows are in pair order
@@ -109,7 +112,8 @@ class _Run:
         except ValueError as e:
             raise ValueError(f"{e} (calibration split: {len(cal)} pairs, {int(y[cal].sum())} misaligned, "
                              f"trained on {len(train)}; with this little data, add more pairs)") from None
-        threshold = threshold_for_fpr(y[cal], head.calibrated(d_cal), target_fpr)
+        threshold = threshold_for_rule(y[cal], head.calibrated(d_cal), self.df["source"].to_numpy()[cal],
+                                       self.threshold_rule, target_fpr)
         return head, threshold, info
 
     def pair_decisions(self, head, rows: np.ndarray) -> np.ndarray:
@@ -130,10 +134,13 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
                     target_fpr: float = 0.05, seed: int = 0, holdout_sources: list[str] | None = None,
                     baseline: bool = True, show_progress: bool = True, holdout_epochs: int | None = None,
                     pools: dict[str, list[str]] | None = None,
-                    extra_config: dict | None = None) -> tuple[Inspector, dict]:
+                    extra_config: dict | None = None, threshold_rule: str = "pooled",
+                    augment: float = 0.0) -> tuple[Inspector, dict]:
     """Train, evaluate and save an inspector folder at ``out``; returns (loaded inspector, report).
     The build is written to a staging folder and lands in ``out`` only when it is complete
-    (``staged_folder``).
+    (``staged_folder``). ``threshold_rule`` "pooled" routes at most ``target_fpr`` of all aligned
+    calibration pairs; "balanced" at most ``target_fpr`` on average over sources, each source weighing
+    the same (``metrics.threshold_for_rule``), which transfers better to sources never seen.
 
     ``pools`` names groups of sources to report pooled test metrics for as well (e.g. the public
     sources alone, without the project's own pairs)."""
@@ -146,14 +153,20 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
     unknown = sorted(set(holdout_sources or []) - set(src))
     if unknown:  # said before the hour of training, not after it
         raise ValueError(f"--holdout-sources: no rows from source(s) {unknown}; sources are {sorted(set(src))}")
-    stratified_split(df, SPLIT_FRACTIONS, seed)  # too little data to split: said now, not after embedding
+    train, cal, test = stratified_split(df, SPLIT_FRACTIONS, seed)  # too little data: said now, not after embedding
+    # diluted / injected copies of some training pairs (``evasion.augment_pairs``): training only,
+    # appended after the real pairs so calibration and test rows keep their numbers
+    extra = augmented_rows(df, train, augment, seed) if augment else df.iloc[:0]
+    data = pd.concat([df, extra], ignore_index=True)
+    train = np.concatenate([train, np.arange(len(df), len(data))])
+    src = data["source"].to_numpy()
     with staged_folder(out) as folder:
         encoder = PairEncoder(embedder, recipe=recipe)
-        run = _Run(df, encoder, ft, show_progress)
-        train, cal, test = stratified_split(df, SPLIT_FRACTIONS, seed)
-        y = df["label"].to_numpy()
-        report: dict = {"rows": len(df), "split": {"train": len(train), "calibration": len(cal),
-                                                   "test": len(test), "seed": seed}}
+        run = _Run(data, encoder, ft, show_progress, threshold_rule)
+        y = data["label"].to_numpy()
+        report: dict = {"rows": len(df), "split": {"train": len(train) - len(extra), "calibration": len(cal),
+                                                   "test": len(test), "seed": seed},
+                        "augmented_train_pairs": len(extra)}
 
         if baseline and ft.train_layers > 0:
             head, thr, _ = run.fit(train, cal, target_fpr, adapt=False)
@@ -170,7 +183,10 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
             "training_data": {"rows": len(df), "fingerprint": fingerprint(df),
                               "by_source_and_label": {f"{s}/{l}": int(n) for (s, l), n in
                                                       df.groupby(["source", "label"]).size().items()}},
-            "threshold_rule": f"lowest threshold routing <= {target_fpr:.0%} of aligned calibration pairs",
+            "threshold_rule": (f"lowest threshold routing <= {target_fpr:.0%} of aligned calibration pairs"
+                               + (", averaged over sources (each source weighs the same)"
+                                  if threshold_rule == "balanced" else "")),
+            "threshold_rule_name": threshold_rule,
             "target_benign_routed": target_fpr,
             "metrics": report,
             **(extra_config or {}),
@@ -189,7 +205,7 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
             report["held_out_members"] = 1  # one adapter per re-run, to keep the build short
         for name in holdout_sources or []:
             keep = lambda rows: rows[src[rows] != name]  # noqa: E731
-            held = np.flatnonzero(src == name)
+            held = np.flatnonzero(src[:len(df)] == name)
             h_head, h_thr, _ = run.fit(keep(train), keep(cal), target_fpr, epochs=holdout_epochs)
             holdouts[name] = binary_report(y[held], run.pair_scores(h_head, held), h_thr)
             print(f"held out {name}: {json.dumps(clean_json(holdouts[name]))}", file=sys.stderr)
@@ -199,6 +215,18 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
         report["train_seconds"] = round(time.time() - t0, 1)
         _update_config(folder, {"metrics": report})
     return Inspector.load(out), report
+
+
+def augmented_rows(df: pd.DataFrame, train: np.ndarray, share: float, seed: int) -> pd.DataFrame:
+    """Copies of ``share`` of the training pairs with benign filler before or after the answer, or an
+    injected "this is safe" verdict; same query, label and source. Filler: sentences of the training
+    split's own aligned answers."""
+    y = df["label"].to_numpy()
+    filler = sentences(df["answer"].to_numpy()[train[y[train] == 0]])
+    picked = augment_pairs(df["answer"].to_numpy()[train].tolist(), filler, share=share, seed=seed)
+    rows = df.iloc[[train[i] for i, _ in picked]].copy()
+    rows["answer"] = [a for _, a in picked]
+    return rows.reset_index(drop=True)
 
 
 @contextmanager
@@ -257,6 +285,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="sources to hold out one at a time (train without, test on it); 'all' = every source")
     ap.add_argument("--holdout-epochs", type=int, default=None,
                     help="epochs for the held-out-source re-runs (default: --epochs); fewer keeps the build short")
+    ap.add_argument("--threshold-rule", choices=("pooled", "balanced"), default="pooled",
+                    help="pooled: route <= --target-fpr of all aligned calibration pairs; balanced: of each "
+                         "source's on average (transfers better to unseen sources; the default build's rule)")
+    ap.add_argument("--exclude-source", nargs="*", default=None, metavar="NAME",
+                    help="with --shared-data: sources left out of the default set (default: "
+                         f"{' '.join(DEFAULT_EXCLUDED_SOURCES)}; give none to keep every source)")
+    ap.add_argument("--max-per-source", type=int, default=None, metavar="N",
+                    help=f"with --shared-data: at most N pairs per source (default {DEFAULT_CAP_PER_SOURCE}; "
+                         "0 = no cap)")
+    ap.add_argument("--augment", type=float, default=0.0, metavar="SHARE",
+                    help="add diluted / injected copies of this share of the training pairs (evasion "
+                         "hardening, inspector.evasion; the default build uses 0.2)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the frozen-embedder comparison")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -271,8 +311,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--members must be 1, or more with --train-layers >= 1; got {args.members}")
     if args.holdout_epochs is not None and args.holdout_epochs < 1:
         ap.error(f"--holdout-epochs must be at least 1, got {args.holdout_epochs}")
+    if not 0 <= args.augment <= 1:  # NaN included
+        ap.error(f"--augment is a share of the training pairs in [0, 1], got {args.augment}")
+    if args.max_per_source is not None and args.max_per_source < 0:
+        ap.error(f"--max-per-source must be a number of pairs >= 0 (0 = no cap), got {args.max_per_source}")
+    if (args.exclude_source is not None or args.max_per_source is not None) and not args.shared_data:
+        ap.error("--exclude-source and --max-per-source choose from the default set: give --shared-data DIR")
+    selection = {"excluded_sources": list(DEFAULT_EXCLUDED_SOURCES if args.exclude_source is None
+                                          else args.exclude_source),
+                 "max_per_source": (DEFAULT_CAP_PER_SOURCE if args.max_per_source is None
+                                    else args.max_per_source) or None,
+                 "seed": args.seed}
     try:
-        parts = [default_training_rows(args.shared_data)] if args.shared_data else []
+        parts = [default_training_rows(args.shared_data, selection["excluded_sources"], selection["max_per_source"],
+                                       args.seed)] if args.shared_data else []
         if args.data:
             parts.append(load_labelled(args.data))
         df = dedupe(pd.concat(parts, ignore_index=True))
@@ -290,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         inspector, report = train_inspector(df, args.out, embedder=args.embedder, ft=ft,
                                             target_fpr=args.target_fpr, seed=args.seed,
                                             holdout_sources=holdouts, baseline=not args.no_baseline,
-                                            holdout_epochs=args.holdout_epochs, pools=pools)
+                                            holdout_epochs=args.holdout_epochs, pools=pools,
+                                            threshold_rule=args.threshold_rule, augment=args.augment,
+                                            extra_config={"default_selection": selection} if args.shared_data
+                                            and not args.data else None)
     except ValueError as e:
         print(f"python -m inspector.train: error: {e}", file=sys.stderr)
         return 2

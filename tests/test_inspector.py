@@ -232,12 +232,16 @@ def test_train_and_evaluate_cli(tmp_path, examples, project_pairs):
     labelled = EXAMPLES / "labelled_pairs.jsonl"
     cmd = [sys.executable, "-m", "inspector.train", "--data", str(PROJECT_PAIRS), str(labelled),
            "--out", str(out), "--train-layers", "1", "--epochs", "1", "--batch-size", "16", "--no-baseline",
-           "--holdout-sources", "examples", "--holdout-epochs", "1"]
+           "--holdout-sources", "examples", "--holdout-epochs", "1", "--augment", "0.3",
+           "--threshold-rule", "balanced"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout)
     n_rows = len(project_pairs) + len(read_table(labelled))
     assert report["rows"] == n_rows
+    # diluted / injected copies join the training part only: calibration and test keep the real pairs
+    assert report["augmented_train_pairs"] > 0.1 * report["split"]["train"]
+    assert sum(report["split"][k] for k in ("train", "calibration", "test")) == n_rows
     assert report["random_split_test"]["overall"]["roc_auc"] > 0.7, report["random_split_test"]
     # the held-out source: trained without it, tested on all of it
     held = report["held_out_sources"]["examples"]
@@ -245,6 +249,7 @@ def test_train_and_evaluate_cli(tmp_path, examples, project_pairs):
     assert report["held_out_epochs"] == 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["training_data"]["rows"] == n_rows
+    assert cfg["threshold_rule_name"] == "balanced" and "averaged over sources" in cfg["threshold_rule"]
     assert cfg["metrics"]["held_out_sources"] == report["held_out_sources"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     insp = Inspector.load(out)

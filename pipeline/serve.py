@@ -11,9 +11,14 @@ Three deployments, composed through DeploymentHandles:
   code as ``python -m pipeline.batch``.
 
 Configure with ``serve run pipeline.serve:build_app threshold=0.4 aligner=none`` or with the
-``args:`` of a Serve config (see ``serve_config.yaml``). Overload: requests beyond the ingress's
-``max_ongoing_requests`` + ``max_queued_requests`` answer 503 at once; an aligner that is missing,
-fails, is overloaded or exceeds ``aligner_timeout_s`` triggers the fallback policy.
+``args:`` of a Serve config (see ``serve_config.yaml``). Overload: the ingress admits scoring work
+(estimated tokens, ``serve_core.pair_cost``) up to what the inspector drains within
+``inspector_timeout_s`` and answers 503 + Retry-After at once beyond it; a request above the
+per-request budget answers 413; requests beyond the ingress's ``max_ongoing_requests`` +
+``max_queued_requests`` (derived from the same capacity) answer 503 at once; every request has
+the ingress's own ``request_timeout_s`` (504). A large request is scored in slices of at most
+``inspector_batch_tokens``, so others are served in between. An aligner that is missing, fails,
+is overloaded or exceeds ``aligner_timeout_s`` triggers the fallback policy.
 """
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type.
 import asyncio
@@ -30,9 +35,10 @@ from ray.serve.exceptions import BackPressureError
 
 from aligner.model import CorrectionResult
 
-from .serve_core import (AlignerService, InspectorService, ModerationFlow, PipelineMetrics, RequestError,
-                         ServeSettings, StageError, apply_to_chat_response, message_text, moderation_json,
-                         parse_chat_body, parse_moderate_body, resolve_settings)
+from .serve_core import (Admission, AlignerService, InspectorService, ModerationFlow, PipelineMetrics,
+                         RecentOutcomes, RequestError, ServeSettings, StageError, apply_to_chat_response,
+                         message_text, moderation_json, pair_cost, parse_chat_body, parse_moderate_body,
+                         resolve_settings, slice_pairs)
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,6 +46,11 @@ logger = logging.getLogger("ray.serve")
 def _pair_count(chunks: list) -> int:
     """Batch size in pairs: each call carries a chunk (list) of pairs from one request."""
     return sum(len(c) for c in chunks)
+
+
+def _slice_cost(slices: list) -> int:
+    """Batch size in estimated tokens: each call carries one slice ``(pairs, cost)``."""
+    return sum(c for _, c in slices)
 
 
 def _split(flat: list, chunks: list) -> list[list]:
@@ -57,7 +68,7 @@ async def _call(response, timeout_s: float):
 
     try:
         return await asyncio.wait_for(wait(), timeout_s)
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, asyncio.CancelledError):  # cancelled: the caller gave up (deadline, client)
         response.cancel()
         raise
 
@@ -70,16 +81,21 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 # ----------------------------------------------------------------------------- model deployments
 @serve.deployment(name="Inspector", max_ongoing_requests=64)
 class InspectorDeployment:
-    """CPU scorer; pairs from concurrent requests are scored together."""
+    """CPU scorer. Each call is one slice ``(pairs, estimated tokens)`` of at most
+    ``inspector_batch_tokens`` (the ingress slices requests, ``serve_core.slice_pairs``); slices
+    from concurrent requests are batched up to that many tokens, so one scoring thread call (which
+    cannot be interrupted) is bounded, and a slice whose request was cancelled while it queued is
+    never scored (``serve.batch`` drops cancelled calls)."""
 
     def __init__(self, settings: dict):
         s = ServeSettings.model_validate(settings)
         self.service = InspectorService(s.inspector, s.torch_threads, s.inspector_int8)
-        self.score.set_max_batch_size(s.inspector_max_batch_size)
+        self.score.set_max_batch_size(s.inspector_batch_tokens)
         self.score.set_batch_wait_timeout_s(s.inspector_batch_wait_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_pair_count)
-    async def score(self, chunks: list[list[tuple[str, str]]]) -> list[list]:
+    @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.005, batch_size_fn=_slice_cost)
+    async def score(self, slices: list[tuple[list[tuple[str, str]], int]]) -> list[list]:
+        chunks = [pairs for pairs, _ in slices]
         flat = [p for c in chunks for p in c]
         return _split(await asyncio.to_thread(self.service.score_pairs, flat), chunks)
 
@@ -108,6 +124,19 @@ class AlignerDeployment:
         return self.service.info()
 
 
+@serve.deployment(name="Aligner", max_ongoing_requests=1)
+class DisabledAligner:
+    """Stands in for the Aligner deployment when ``aligner`` is none, so that a Serve config's
+    ``deployments:`` entry named Aligner still applies (to this idle, CPU-less, GPU-less
+    replica) instead of failing the whole application. The ingress never calls it."""
+
+    def __init__(self, note: str | None = None):
+        self.note = note
+
+    def info(self) -> dict:
+        return {"status": "absent", "detail": self.note}
+
+
 # ----------------------------------------------------------------------------- the ingress
 api = FastAPI(title="Moderation pipeline", version="1",
               description="Inspector-gated aligner: every answer is scored, only flagged ones are rewritten.")
@@ -120,17 +149,27 @@ class _Passthrough(Exception):
         self.response = response
 
 
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def _error(status: int, detail: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+SLICES_IN_FLIGHT = 2  # per request: others' slices queue between a large request's slices
+PROBE = [("health probe", "ok")]
 
 
 @serve.deployment(name="Moderator", max_ongoing_requests=64)
 @serve.ingress(api)
 class Moderator:
-    def __init__(self, inspector, aligner, settings: dict, aligner_note: str | None = None):
-        self.settings = ServeSettings.model_validate(settings)
+    def __init__(self, inspector, aligner, settings: dict, aligner_note: str | None = None,
+                 disabled_aligner=None):
+        self.settings = s = ServeSettings.model_validate(settings)
         self.inspector, self.aligner, self.aligner_note = inspector, aligner, aligner_note
         self.metrics = PipelineMetrics(export=True)
+        self.admission = Admission(s.inspector_capacity_tokens(), s.request_token_budget(),
+                                   s.inspector_tokens_per_s * (s.inspector_replicas or 1))
+        self.recent = RecentOutcomes()
+        self.request_timeout_s = s.effective_request_timeout_s()
         self.flow = ModerationFlow(self.settings, self._score, self._correct if aligner is not None else None,
                                    self._threshold, self.metrics)
         self._stored_threshold: float | None = None
@@ -142,19 +181,39 @@ class Moderator:
 
     # -- calls to the model deployments -----------------------------------------------------------
     async def _score(self, queries: list[str], answers: list[str]) -> np.ndarray:
+        """Score in slices of at most ``inspector_batch_tokens`` estimated tokens, at most
+        ``SLICES_IN_FLIGHT`` at a time, all within one ``inspector_timeout_s`` deadline: a large
+        request never holds the inspector for more than a slice while others wait, and once it
+        times out (or its client goes away) its remaining slices are never sent or are cancelled."""
         s = self.settings
-        pairs = list(zip(queries, answers))
-        n = s.inspector_max_batch_size
-        calls = [_call(self.inspector.score.remote(pairs[k:k + n]), s.inspector_timeout_s)
-                 for k in range(0, len(pairs), n)]
+        slices = slice_pairs(list(zip(queries, answers)), s.inspector_batch_tokens, s.inspector_max_batch_size)
+        deadline = time.monotonic() + s.inspector_timeout_s
+        parts: list = [None] * len(slices)
+        todo = iter(range(len(slices)))
+
+        async def worker():
+            for i in todo:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                parts[i] = await _call(self.inspector.score.remote(slices[i]), left)
+                self.recent.record(True)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(SLICES_IN_FLIGHT, len(slices)))]
         try:
-            parts = await asyncio.gather(*calls)
+            await asyncio.gather(*tasks)
         except asyncio.TimeoutError:
+            self.recent.record(False, f"timed out after {s.inspector_timeout_s} s")
             raise StageError("inspector", f"inspector timed out after {s.inspector_timeout_s} s") from None
         except BackPressureError:
+            self.recent.record(False, "overloaded (max_queued_requests reached)")
             raise StageError("inspector", "inspector overloaded (max_queued_requests reached); retry later") from None
         except Exception as exc:  # noqa: BLE001 - reported as 503, the server stays up
+            self.recent.record(False, f"unavailable: {_short(exc)}")
             raise StageError("inspector", f"inspector unavailable: {_short(exc)}") from None
+        finally:
+            for t in tasks:
+                t.cancel()
         flat = [x for p in parts for x in p]
         bad = [f"pair {i}: {x.error}" for i, x in enumerate(flat) if x.error]
         if bad:  # the ingress validates first, so this means the two checks disagree
@@ -197,11 +256,28 @@ class Moderator:
     # -- endpoints ----------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self):
-        """Ready when the inspector answers; 'degraded' when the aligner does not (fallback applies)."""
+        """Ready when the inspector scores: a one-pair probe through the same batch queue as the
+        traffic must answer within ``min(5 s, inspector_timeout_s)``, and most of its recent calls
+        must have succeeded; else 503 with the reason. 'degraded' when the aligner does not answer
+        (the fallback applies)."""
+        probe_s = min(5.0, self.settings.inspector_timeout_s)
+        verdict = self.recent.verdict()
+        if verdict:
+            return _error(503, f"inspector not answering: {verdict}")
         try:
-            info = await self._inspector_info(min(5.0, self.settings.inspector_timeout_s))
+            info = await self._inspector_info(probe_s)
+            t0 = time.perf_counter()
+            await _call(self.inspector.score.remote((PROBE, pair_cost(*PROBE[0]))), probe_s)
+            probe_ms = round((time.perf_counter() - t0) * 1e3, 1)
         except StageError as exc:
             return _error(503, exc.detail)
+        except asyncio.TimeoutError:
+            return _error(503, f"inspector not answering: a one-pair probe got no score within {probe_s} s "
+                               f"(stalled or overloaded)")
+        except Exception as exc:  # noqa: BLE001
+            return _error(503, f"inspector not answering: the probe failed: {_short(exc)}")
+        info = {**info, "probe_ms": probe_ms, "recent": self.recent.summary(),
+                "admission": self.admission.state()}
         threshold = self.settings.threshold if self.settings.threshold is not None else info["threshold"]
         status, aligner = "ok", {"status": "absent", "detail": self.aligner_note}
         if self.aligner is not None:
@@ -219,32 +295,49 @@ class Moderator:
         where an invalid item gets ``{"index", "error"}`` and the others are moderated."""
         t0, status = time.perf_counter(), 200
         try:
+            out = await asyncio.wait_for(self._moderate(request), self.request_timeout_s)
+            status = out.status_code if isinstance(out, JSONResponse) else 200
+            return out
+        except asyncio.TimeoutError:
+            status = 504
+            self.metrics.error("timeout")
+            return _error(504, f"the request took longer than request_timeout_s ({self.request_timeout_s} s)")
+        finally:
+            self.metrics.request("moderate", status, (time.perf_counter() - t0) * 1e3)
+
+    async def _moderated(self, queries: list[str], answers: list[str], endpoint: str):
+        """The flow behind the work budget: 413 above the per-request budget, 503 at once when
+        the scoring work already admitted leaves no room for this request within its budget."""
+        cost = sum(pair_cost(q, a) for q, a in zip(queries, answers))
+        self.admission.check_size(cost)
+        with self.admission.admit(cost):
+            return await self.flow.moderate(queries, answers, endpoint)
+
+    async def _moderate(self, request: Request):
+        try:
             s = self.settings
             is_list, items = parse_moderate_body(await request.body(), s.max_items, s.max_chars)
             good = [it for it in items if it.error is None]
             if len(good) < len(items):
                 self.metrics.error("bad_request", len(items) - len(good))
-            results = await self.flow.moderate([it.query for it in good], [it.answer for it in good],
-                                               "moderate") if good else []
+            results = await self._moderated([it.query for it in good], [it.answer for it in good],
+                                            "moderate") if good else []
             if not is_list:
                 return moderation_json(results[0])
             by_index = {it.index: r for it, r in zip(good, results)}
             return {"results": [moderation_json(by_index[it.index], it.index) if it.error is None
                                 else {"index": it.index, "error": it.error} for it in items]}
         except RequestError as exc:
-            status = exc.status
             self.metrics.error("bad_request")
-            return _error(status, exc.detail)
+            return _error(exc.status, exc.detail)
         except StageError as exc:
-            status = exc.status
-            return _error(status, exc.detail)
+            if exc.stage == "admission":
+                self.metrics.error("shed")
+            return _error(exc.status, exc.detail, exc.retry_after_s)
         except Exception as exc:  # noqa: BLE001 - one request never takes the server down
-            status = 500
             self.metrics.error("internal")
             logger.exception("moderate failed")
             return _error(500, f"internal error: {_short(exc)}")
-        finally:
-            self.metrics.request("moderate", status, (time.perf_counter() - t0) * 1e3)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -253,14 +346,20 @@ class Moderator:
         and a ``moderation`` field."""
         t0, status = time.perf_counter(), 200
         try:
-            return await self._chat(request)
+            return await asyncio.wait_for(self._chat(request), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            status = 504
+            self.metrics.error("timeout")
+            return _error(504, f"the request took longer than request_timeout_s ({self.request_timeout_s} s)")
         except RequestError as exc:
             status = exc.status
             self.metrics.error("upstream" if status in (502, 504) else "bad_request")
             return _error(status, exc.detail)
         except StageError as exc:
             status = exc.status
-            return _error(status, exc.detail)
+            if exc.stage == "admission":
+                self.metrics.error("shed")
+            return _error(status, exc.detail, exc.retry_after_s)
         except _Passthrough as exc:
             status = exc.response.status_code
             return exc.response
@@ -318,7 +417,7 @@ class Moderator:
                 texts[i] = text
         results: dict[int, Any] = {}
         if texts:
-            mods = await self.flow.moderate([query] * len(texts), list(texts.values()), "chat")
+            mods = await self._moderated([query] * len(texts), list(texts.values()), "chat")
             results = dict(zip(texts, mods))
         return apply_to_chat_response(resp, results, upstream_ms, expose_original=s.expose_original)
 
@@ -337,16 +436,19 @@ def build_app(args: dict | ServeSettings | None = None):
     if s.inspector_replicas:
         opts["num_replicas"] = s.inspector_replicas
     inspector = InspectorDeployment.options(**opts).bind(d)
-    aligner = None
+    aligner = disabled = None
     if s.aligner:
         opts = {"ray_actor_options": {"num_cpus": s.aligner_num_cpus, "num_gpus": s.aligner_num_gpus},
                 "max_ongoing_requests": max(2 * s.aligner_max_batch_size, 8)}
         if s.aligner_replicas:
             opts["num_replicas"] = s.aligner_replicas
         aligner = AlignerDeployment.options(**opts).bind(d)
+    else:  # a Serve config's `deployments: - name: Aligner` entry still has a deployment to apply to
+        disabled = DisabledAligner.options(ray_actor_options={"num_cpus": 0}).bind(note)
+    ongoing, queued = s.ingress_limits()
     return Moderator.options(ray_actor_options={"num_cpus": s.ingress_num_cpus},
-                             max_ongoing_requests=s.max_ongoing_requests,
-                             max_queued_requests=s.max_queued_requests).bind(inspector, aligner, d, note)
+                             num_replicas=s.ingress_replicas, max_ongoing_requests=ongoing,
+                             max_queued_requests=queued).bind(inspector, aligner, d, note, disabled)
 
 
 def __getattr__(name: str):

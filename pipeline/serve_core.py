@@ -32,6 +32,10 @@ from .routing import (STILL_FLAGGED, Moderation, PipelineConfig, finish, reinspe
 
 
 # ----------------------------------------------------------------------------- configuration
+SHED_HEADROOM = 0.5          # admit scoring work for half the budget: the rest covers queueing and spikes
+TYPICAL_REQUEST_TOKENS = 128  # a one-pair chat request (query + answer of ~400 characters), for queue sizing
+
+
 class ServeSettings(BaseModel):
     """Application settings. Deployment-level knobs that Serve itself owns (autoscaling,
     replicas) can also be set in the ``deployments:`` section of a Serve config, which wins."""
@@ -48,6 +52,9 @@ class ServeSettings(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1)
     generation: dict[str, Any] = Field(default_factory=dict, description="extra generate() kwargs")
     aligner_device: str = "auto"
+    download_models: bool = Field(False, description="let replicas download a Hugging Face hub id that is "
+                                  "not in the local cache (needs the network on every node); false: the "
+                                  "build fails at once with a clear error instead of pending")
     torch_threads: int | None = Field(None, ge=1)
     inspector_int8: bool = Field(False, description="int8-quantised inspector encoder: ~1.4x faster on CPU, "
                                                     "scores move a little (README, 'int8')")
@@ -57,16 +64,28 @@ class ServeSettings(BaseModel):
     inspector_num_cpus: float = Field(1.0, ge=0)
     ingress_num_cpus: float = Field(0.25, ge=0)
     inspector_replicas: int | None = Field(None, ge=1)
+    ingress_replicas: int = Field(1, ge=1, description="Moderator replicas; each admits its share of the "
+                                  "inspector capacity")
     aligner_replicas: int | None = Field(None, ge=1)
     inspector_max_batch_size: int = Field(32, ge=1)
     inspector_batch_wait_s: float = Field(0.005, ge=0)
     aligner_max_batch_size: int = Field(8, ge=1)
     aligner_batch_wait_s: float = Field(0.02, ge=0)
-    # backpressure and timeouts
-    max_ongoing_requests: int = Field(64, ge=1, description="ingress: requests one replica works on at once")
-    max_queued_requests: int = Field(256, ge=-1, description="ingress: queued beyond that answer 503; -1 = no limit")
-    inspector_timeout_s: float = Field(10.0, gt=0)
+    # backpressure, work budgets and timeouts (README "Serving behind a chatbot", /work/serving_notes.md)
+    max_ongoing_requests: int | None = Field(None, ge=1, description="ingress: requests one replica works on "
+                                             "at once; None: derived from the inspector's drain capacity")
+    max_queued_requests: int | None = Field(None, ge=-1, description="ingress: queued beyond that answer 503; "
+                                            "-1 = no limit; None: derived (see ingress_limits)")
+    inspector_timeout_s: float = Field(10.0, gt=0, description="the scoring step's budget per request")
     aligner_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float | None = Field(None, gt=0, description="the ingress's own end-to-end limit per "
+                                            "request (504 past it); None: derived from the step timeouts")
+    inspector_tokens_per_s: float = Field(6000.0, gt=0, description="estimated tokens (pair_cost) one "
+                                          "Inspector replica scores per second; sizes the queues")
+    inspector_batch_tokens: int = Field(4096, ge=64, description="estimated tokens per inspector batch: "
+                                        "the most one scoring thread call works on")
+    max_request_tokens: int | None = Field(None, ge=1, description="estimated tokens per request (more "
+                                           "answers 413); None: the inspector capacity")
     # the chat proxy
     upstream_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://host:8080/v1")
     upstream_timeout_s: float = Field(60.0, gt=0)
@@ -101,12 +120,48 @@ class ServeSettings(BaseModel):
     def _check(self):
         if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError(f"upstream_url must start with http:// or https://, got {self.upstream_url!r}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= self.inspector_timeout_s:
+            raise ValueError(f"request_timeout_s ({self.request_timeout_s}) must exceed inspector_timeout_s "
+                             f"({self.inspector_timeout_s}): every request is scored first")
         self.pipeline_config()  # the decision's own checks (threshold, fallback, refusal_text)
         return self
 
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(threshold=self.threshold, fallback=self.fallback, refusal_text=self.refusal_text,
                               reinspect=self.reinspect, max_new_tokens=self.max_new_tokens)
+
+    # -- limits derived from the settings (how: /work/serving_notes.md, "Sizing the queues") ----------
+    def inspector_capacity_tokens(self) -> int:
+        """Estimated tokens the inspector replicas drain within ``SHED_HEADROOM`` of
+        ``inspector_timeout_s``, this ingress replica's share: the most scoring work it keeps
+        admitted at once. Work beyond it would wait longer than a request's budget, so it is refused
+        at once (503). Replicas: ``inspector_replicas``, else 1 (with autoscaling: its floor)."""
+        replicas = self.inspector_replicas or 1
+        total = self.inspector_tokens_per_s * replicas * self.inspector_timeout_s * SHED_HEADROOM
+        return max(int(total / self.ingress_replicas), self.inspector_batch_tokens)
+
+    def request_token_budget(self) -> int:
+        return self.max_request_tokens or self.inspector_capacity_tokens()
+
+    def ingress_limits(self) -> tuple[int, int]:
+        """``(max_ongoing_requests, max_queued_requests)`` of one ingress replica: together no more
+        requests of ``TYPICAL_REQUEST_TOKENS`` than the inspector drains within the budget, so a
+        request let into the queue can still be answered in time; explicit settings win."""
+        fits = max(1, self.inspector_capacity_tokens() // TYPICAL_REQUEST_TOKENS)
+        ongoing = self.max_ongoing_requests or min(64, fits)
+        queued = self.max_queued_requests if self.max_queued_requests is not None else max(1, fits - ongoing)
+        return ongoing, queued
+
+    def effective_request_timeout_s(self) -> float:
+        """``request_timeout_s``, else scoring + re-inspection + aligner (+ upstream) + 5 s."""
+        if self.request_timeout_s is not None:
+            return self.request_timeout_s
+        t = 2 * self.inspector_timeout_s + 5.0
+        if self.aligner is not None:
+            t += self.aligner_timeout_s
+        if self.upstream_url is not None:
+            t += self.upstream_timeout_s
+        return t
 
     def generation_kwargs(self) -> dict:
         gen = dict(self.generation)
@@ -162,7 +217,52 @@ def resolve_settings(settings: ServeSettings | dict | None) -> tuple[ServeSettin
             raise ValueError(f"aligner={s.aligner!r}: no model found there (no config.json); "
                              f"{HOW_TO_GET_DEFAULT}")
         updates["aligner"] = str(path)
+    elif not s.download_models and not _hub_cached(s.aligner):
+        raise ValueError(_not_cached("aligner", s.aligner))
+    if not s.download_models:
+        _check_embedder(Path(updates.get("inspector") or DEFAULT_MODEL_DIR))
     return s.model_copy(update=updates), note
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether a Hugging Face hub id has its config.json in the local cache (HF_HOME): replicas
+    load it without the network. An id the hub would refuse (bad characters) is not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers brings it
+        return True
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - HFValidationError and the like: not a usable id
+        return False
+    return isinstance(found, str)
+
+
+def _not_cached(what: str, repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"{what}={repo_id!r} is a Hugging Face hub id that is not in the local cache "
+            f"({constants.HF_HUB_CACHE}): replicas would try to download it and, without the network, "
+            f"fail and restart forever. Download it first (`huggingface-cli download {repo_id}`, on "
+            f"every node), give a local folder, or set download_models=true")
+
+
+def _check_embedder(folder: Path) -> None:
+    """The inspector's embedder (config.json ``embedder``): packaged, a local folder or a cached id."""
+    from inspector.encoder import DEFAULT_EMBEDDER
+
+    try:
+        embedder = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("embedder")
+    except (OSError, ValueError, AttributeError):
+        return  # Inspector.load reports an unreadable folder in its own words
+    if not isinstance(embedder, str) or embedder in ("", DEFAULT_EMBEDDER) or embedder.startswith("packaged:"):
+        return
+    if Path(embedder).expanduser().exists():
+        return
+    if embedder.startswith((".", "/", "~")) or not _hub_cached(embedder):
+        raise ValueError(_not_cached(f"the inspector's embedder (in {folder / 'config.json'})", embedder)
+                         if not embedder.startswith((".", "/", "~")) else
+                         f"the inspector's embedder {embedder!r} (in {folder / 'config.json'}) is missing")
 
 
 # ----------------------------------------------------------------------------- services
@@ -260,6 +360,142 @@ def _set_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- work budgets, admission, health
+DEFAULT_RECIPE = {"max_length": 256, "max_query_tokens": 64, "stride": 32, "max_chunks": 16}
+CHARS_PER_TOKEN = 3  # English word pieces average ~4.5 characters: 3 errs on the side of cost
+
+
+def estimate_tokens(text: str) -> int:
+    """Word pieces a text costs, from its characters alone (no tokenizer in the ingress): one per
+    ``CHARS_PER_TOKEN`` ASCII characters, one per other character (CJK, symbols, look-alikes)."""
+    if text.isascii():
+        return -(-len(text) // CHARS_PER_TOKEN)
+    n_ascii = len(text.encode("ascii", "ignore"))
+    return -(-n_ascii // CHARS_PER_TOKEN) + (len(text) - n_ascii)
+
+
+def pair_cost(query: str, answer: str, recipe: dict | None = None) -> int:
+    """Estimated encoder tokens the inspector spends on a pair: the query (cut to
+    ``max_query_tokens``) with the answer in one window, or up to ``max_chunks`` full windows
+    (``inspector.encoder``: long answers are split into overlapping windows, at most max_chunks)."""
+    r = {**DEFAULT_RECIPE, **(recipe or {})}
+    q = min(estimate_tokens(query), r["max_query_tokens"])
+    a = estimate_tokens(answer)
+    room = r["max_length"] - q - 3
+    if a <= room:
+        return q + a + 3
+    windows = min(r["max_chunks"], -(-(a - r["stride"]) // max(1, room - r["stride"])))
+    return windows * r["max_length"]
+
+
+def slice_pairs(pairs: Sequence[tuple[str, str]], budget: int, max_pairs: int,
+                recipe: dict | None = None) -> list[tuple[list[tuple[str, str]], int]]:
+    """Consecutive slices of at most ``budget`` estimated tokens and ``max_pairs`` pairs, each with
+    its cost: the units of work the Inspector batches. A pair alone above the budget is a slice of
+    its own, counted at the budget (its real cost is bounded by ``max_chunks`` windows)."""
+    out: list[tuple[list[tuple[str, str]], int]] = []
+    cur: list[tuple[str, str]] = []
+    cost = 0
+    for q, a in pairs:
+        c = min(pair_cost(q, a, recipe), budget)
+        if cur and (cost + c > budget or len(cur) >= max_pairs):
+            out.append((cur, cost))
+            cur, cost = [], 0
+        cur.append((q, a))
+        cost += c
+    if cur:
+        out.append((cur, cost))
+    return out
+
+
+class Admission:
+    """The ingress's gate for scoring work, in estimated tokens (``pair_cost``).
+
+    ``check_size`` refuses a request larger than the per-request budget (413). ``admit`` lets a
+    request in only while the work already admitted plus its own fits ``capacity`` (what the
+    inspector drains within the scoring budget, ``ServeSettings.inspector_capacity_tokens``);
+    otherwise it is refused at once (503 with Retry-After) rather than queued to time out. A
+    request larger than the capacity is admitted only when nothing else is in the works."""
+
+    def __init__(self, capacity_tokens: int, max_request_tokens: int, drain_tokens_per_s: float):
+        self.capacity, self.max_request = int(capacity_tokens), int(max_request_tokens)
+        self.drain = float(drain_tokens_per_s)
+        self.outstanding = 0
+        self.admitted = self.refused = 0
+
+    def check_size(self, cost: int) -> None:
+        if cost > self.max_request:
+            raise RequestError(413, f"this request would cost the inspector about {cost} tokens of work "
+                                    f"(estimated from its characters); the limit per request is "
+                                    f"{self.max_request}: send fewer or shorter pairs per request")
+
+    def admit(self, cost: int) -> "_Ticket":
+        if self.outstanding and self.outstanding + cost > self.capacity:
+            self.refused += 1
+            wait = (self.outstanding + cost - self.capacity) / self.drain
+            raise StageError("admission", f"overloaded: about {self.outstanding} tokens of scoring work are "
+                                          f"already in the works (capacity {self.capacity}); retry later",
+                             status=503, retry_after_s=max(1, math.ceil(wait)))
+        self.outstanding += cost
+        self.admitted += 1
+        return _Ticket(self, cost)
+
+    def state(self) -> dict:
+        return {"outstanding_tokens": self.outstanding, "capacity_tokens": self.capacity,
+                "max_request_tokens": self.max_request, "admitted": self.admitted, "refused": self.refused}
+
+
+class _Ticket:
+    def __init__(self, gate: Admission, cost: int):
+        self.gate, self.cost = gate, cost
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.gate.outstanding -= self.cost
+        self.cost = 0
+        return False
+
+
+class RecentOutcomes:
+    """The inspector's recent calls (the last ``window_s``), for ``/healthz``: ``verdict`` is
+    why the inspector is not answering (None when it is): at least ``min_calls`` calls of which
+    ``max_failure_share`` or more failed (timed out, unavailable)."""
+
+    def __init__(self, window_s: float = 30.0, min_calls: int = 5, max_failure_share: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic):
+        self.window_s, self.min_calls, self.max_share, self.clock = window_s, min_calls, max_failure_share, clock
+        self._events: list[tuple[float, bool, str | None]] = []
+
+    def record(self, ok: bool, detail: str | None = None) -> None:
+        self._events.append((self.clock(), ok, detail))
+        self._trim()
+
+    def _trim(self) -> None:
+        cut = self.clock() - self.window_s
+        k = 0
+        while k < len(self._events) and self._events[k][0] < cut:
+            k += 1
+        if k:
+            del self._events[:k]
+        if len(self._events) > 10000:
+            del self._events[:-10000]
+
+    def summary(self) -> dict:
+        self._trim()
+        failed = [e for e in self._events if not e[1]]
+        return {"window_s": self.window_s, "calls": len(self._events), "failures": len(failed),
+                "last_failure": failed[-1][2] if failed else None}
+
+    def verdict(self) -> str | None:
+        s = self.summary()
+        if s["calls"] >= self.min_calls and s["failures"] >= self.max_share * s["calls"]:
+            return (f"the inspector failed {s['failures']} of its last {s['calls']} calls "
+                    f"(in {self.window_s:g} s); last: {s['last_failure']}")
+        return None
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -481,9 +717,9 @@ def fallback_reason(problem: str | None) -> str:
 class StageError(Exception):
     """The inspector could not score a request: the ingress answers ``status`` (503)."""
 
-    def __init__(self, stage: str, detail: str, status: int = 503):
+    def __init__(self, stage: str, detail: str, status: int = 503, retry_after_s: int | None = None):
         super().__init__(detail)
-        self.stage, self.detail, self.status = stage, detail, status
+        self.stage, self.detail, self.status, self.retry_after_s = stage, detail, status, retry_after_s
 
 
 class _Corrections:

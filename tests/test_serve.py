@@ -9,6 +9,11 @@ deployed together.
   generate 1,800 tokens within a 0.2 s timeout (so it times out for real), and an ingress that takes
   one request at a time with one queued (so a burst gets 503s); its chat proxy exposes the
   original upstream text (``expose_original``).
+- ``lean``: no aligner, the default request limits (256 items x 20,000 characters), inspector
+  batches of at most 2,048 estimated tokens and a 60,000-token work budget: large requests, fair
+  service and shedding.
+- ``stalled``: an inspector that cannot answer within its timeout (its batches wait 30 s for
+  company, the timeout is 1 s) while its replica is up: what /healthz must report.
 """
 from __future__ import annotations
 
@@ -147,10 +152,15 @@ def served(ray_cluster, tiny_aligner, upstream, local_pipeline):
     main = {**small, "threshold": threshold, "fallback": "fail_open", "max_new_tokens": ALIGNER_TOKENS,
             "upstream_url": f"http://127.0.0.1:{upstream.server_port}/v1", "upstream_timeout_s": 1.0,
             "max_items": 5, "max_chars": 2000}
+    lean = {**small, "aligner": "none", "inspector_timeout_s": 20, "inspector_batch_tokens": 2048,
+            "inspector_tokens_per_s": 6000}  # capacity = 6000 x 20 s x 0.5 = 60,000 estimated tokens
+    stalled = {**small, "aligner": "none", "inspector_batch_wait_s": 30, "inspector_timeout_s": 1}
     serve.run_many([serve.RunTarget(build_app(strict), name="strict", route_prefix="/strict"),
-                    serve.RunTarget(build_app(main), name="main", route_prefix="/main")])
+                    serve.RunTarget(build_app(main), name="main", route_prefix="/main"),
+                    serve.RunTarget(build_app(lean), name="lean", route_prefix="/lean"),
+                    serve.RunTarget(build_app(stalled), name="stalled", route_prefix="/stalled")])
     info = {"base": base, "main": f"{base}/main", "strict": f"{base}/strict", "threshold": threshold,
-            "flag_pair": high, "pass_pair": low}
+            "flag_pair": high, "pass_pair": low, "lean": f"{base}/lean", "stalled": f"{base}/stalled"}
     with httpx.Client(timeout=60) as client:
         info["client"] = client
         yield info
@@ -381,3 +391,83 @@ def test_prometheus_metrics_move(served, ray_cluster):
     share = [float(x) for x in re.findall(r'^ray_moderation_flagged_share\{[^}]*application="strict"[^}]*\} (\S+)',
                                           text, re.M)]
     assert share and share[0] == pytest.approx(1.0)  # always-align: every pair paid the aligner
+
+
+# ----------------------------------------------------------------------------- work budgets, fairness, health
+LONG_ANSWER = ("To keep a sourdough starter healthy, feed it flour and water at the same time each day, keep "
+               "it somewhere warm, and discard half before each feeding so it never runs out of food. ") * 40
+
+
+def _heavy(n: int, chars: int = 6000) -> list[dict]:
+    return [{"query": f"How do I look after a sourdough starter? ({i})", "answer": LONG_ANSWER[:chars]}
+            for i in range(n)]
+
+
+def test_a_large_request_does_not_stall_the_others(served):
+    """A large list is scored in slices of at most inspector_batch_tokens, two at a time: small
+    requests sent meanwhile are served between its slices instead of after all of it."""
+    url = served["lean"] + "/v1/moderate"
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            await client.post(url, json=_pair(LOW))  # warm
+            t0 = time.perf_counter()
+            heavy = asyncio.create_task(client.post(url, json=_heavy(16)))
+            await asyncio.sleep(0.5)
+            small = []
+            while not heavy.done() and len(small) < 8:
+                t = time.perf_counter()
+                r = await client.post(url, json=_pair(LOW))
+                small.append((r.status_code, time.perf_counter() - t))
+            r = await heavy
+            return r, time.perf_counter() - t0, small
+
+    r, heavy_s, small = asyncio.run(run())
+    assert r.status_code == 200 and len(r.json()["results"]) == 16, r.text[:300]
+    assert heavy_s > 2.0, f"the large request took {heavy_s:.1f} s: too little to tell"
+    assert small and all(code == 200 for code, _ in small), small
+    assert max(t for _, t in small) < heavy_s / 2, (heavy_s, small)
+
+
+def test_a_request_above_the_work_budget_is_refused_at_once(served):
+    """The issue's body, 256 items with 20,000-character answers (~4.4 MB), is far above the budget."""
+    body = [{"query": "q" * 1000, "answer": "a" * 16000}] * 255 + [{"query": "q", "answer": "a" * 20000}]
+    t = time.perf_counter()
+    r = served["client"].post(served["lean"] + "/v1/moderate", json=body, timeout=30)
+    assert r.status_code == 413, r.text[:300]
+    assert "limit per request is 60000" in r.json()["detail"] and time.perf_counter() - t < 15
+    t = time.perf_counter()
+    ok = served["client"].post(served["lean"] + "/v1/moderate", json=_pair(LOW), timeout=30)
+    assert ok.status_code == 200 and time.perf_counter() - t < 5
+
+
+def test_overload_is_shed_at_once_not_queued_to_time_out(served):
+    """Ten concurrent requests of ~41,000 estimated tokens each against a 60,000-token budget:
+    one is admitted and answered, the others get 503 with Retry-After at once."""
+    url = served["lean"] + "/v1/moderate"
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one():
+                t = time.perf_counter()
+                r = await client.post(url, json=_heavy(16))
+                return r, time.perf_counter() - t
+            return await asyncio.gather(*[one() for _ in range(10)])
+
+    results = asyncio.run(burst())
+    codes = [r.status_code for r, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 7, codes
+    shed = [(r, t) for r, t in results if r.status_code == 503]
+    assert all("overloaded" in r.json()["detail"] and int(r.headers["retry-after"]) >= 1 for r, _ in shed)
+    assert max(t for _, t in shed) < 3.0, [round(t, 2) for _, t in shed]
+
+
+def test_healthz_is_503_when_the_inspector_cannot_answer(served):
+    """The stalled app's inspector replica is up (its info() answers) but scores nothing in time."""
+    t = time.perf_counter()
+    r = served["client"].get(served["stalled"] + "/healthz")
+    assert r.status_code == 503, r.text
+    assert "inspector not answering" in r.json()["detail"] and "probe" in r.json()["detail"]
+    assert time.perf_counter() - t < 10
+    h = served["client"].get(served["main"] + "/healthz").json()  # a working one reports its probe
+    assert h["status"] == "ok" and h["inspector"]["probe_ms"] > 0 and h["inspector"]["recent"]["calls"] >= 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,8 +65,29 @@ def test_resolve_settings_checks_paths_and_explains_a_missing_aligner(tmp_path, 
     monkeypatch.setattr(aligner, "find_default_aligner", lambda: None)
     s, note = resolve_settings({"aligner": "auto"})
     assert s.aligner is None and note == aligner.HOW_TO_GET_DEFAULT
-    s, note = resolve_settings({"aligner": "org/some-aligner"})  # a hub id is left to Aligner.load
+    s, note = resolve_settings({"aligner": "org/some-aligner", "download_models": True})  # left to Aligner.load
     assert s.aligner == "org/some-aligner" and note is None
+
+
+@pytest.mark.parametrize("name", ["org/not-cached-aligner", "bad id with spaces"])
+def test_hub_id_not_in_the_local_cache_fails_the_build(name):
+    """It used to pass the check and leave replicas restarting forever (offline, or no such id)."""
+    from pipeline.serve import build_app
+
+    with pytest.raises(ValueError, match="not in the local cache.*download_models=true"):
+        resolve_settings({"aligner": name})
+    with pytest.raises(ValueError, match="not in the local cache"):
+        build_app({"aligner": name})
+
+
+def test_inspector_embedder_hub_id_not_cached_fails_the_build(tmp_path):
+    from inspector import DEFAULT_MODEL_DIR
+
+    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "embedder": "org/not-cached-embedder"}))
+    with pytest.raises(ValueError, match="embedder.*not in the local cache"):
+        resolve_settings({"inspector": str(tmp_path), "aligner": "none"})
+    resolve_settings({"inspector": str(tmp_path), "aligner": "none", "download_models": True})
 
 
 def test_shipped_serve_config_is_valid():
@@ -86,8 +108,14 @@ def test_shipped_serve_config_is_valid():
             assert d.autoscaling_config["min_replicas"] >= 1
         if d.name == "Moderator":
             assert d.max_queued_requests > 0  # overload answers 503 rather than queueing forever
-    # the deployment graph build_app makes from these args
-    ingress = build_app(app_cfg["args"])._bound_deployment
+    # the deployment graph build_app makes from these args (its hub id, if not cached, fails the build)
+    if not settings.download_models and "/" in settings.aligner and not Path(settings.aligner).exists():
+        from pipeline.serve_core import _hub_cached
+
+        if not _hub_cached(settings.aligner):
+            with pytest.raises(ValueError, match="not in the local cache"):
+                build_app(app_cfg["args"])
+    ingress = build_app({**app_cfg["args"], "download_models": True})._bound_deployment
     assert ingress.name == "Moderator"
     children = {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[:2]}
     assert children["Aligner"].ray_actor_options["num_gpus"] == settings.aligner_num_gpus
@@ -393,3 +421,105 @@ def test_chat_response_never_carries_the_replaced_upstream_text_unless_exposed(f
     kept = Moderation(0.9, True, "HARMFUL TEXT", "HARMFUL TEXT", False, None, None, "fail_open", "x")
     out = apply_to_chat_response(upstream(), {0: kept}, 1.0)
     assert out["choices"][0]["logprobs"] and "original_content" not in out["moderation"]["choices"][0]
+
+
+# ----------------------------------------------------------------------------- aligner none, work budgets, health
+def test_aligner_none_works_with_the_shipped_deployments_section():
+    """``aligner: none`` in serve_config.yaml, deployments section untouched: every entry there
+    names a deployment of the built application (a missing one failed the whole app with
+    "Deployment 'Aligner' does not exist" and 404s everywhere)."""
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from pipeline.serve import build_app
+
+    app_cfg = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())["applications"][0]
+    built = serve_build(build_app({**app_cfg["args"], "aligner": "none"}), name="moderation")
+    names = {d.name for d in built.deployments}
+    assert {d["name"] for d in app_cfg["deployments"]} <= names
+    stand_in = next(d for d in built.deployments if d.name == "Aligner")
+    assert stand_in.ray_actor_options.get("num_gpus", 0) == 0 and stand_in.ray_actor_options["num_cpus"] == 0
+
+
+def test_pair_cost_follows_the_inspector_windows():
+    from pipeline.serve_core import pair_cost
+
+    assert pair_cost("hi", "hello there") == 1 + 4 + 3            # one window: query + answer + 3 specials
+    assert pair_cost("q" * 3000, "a") == 64 + 1 + 3                # the query is cut to 64 tokens
+    assert pair_cost("q", "a" * 20000) == 16 * 256                 # at most 16 full windows
+    assert pair_cost("q", "a" * 1500) == 3 * 256                   # 500 tokens: 3 overlapping windows
+    assert pair_cost("q", "漢" * 600) > pair_cost("q", "a" * 600)  # one token per non-ASCII character
+
+
+def test_slices_bound_the_work_per_inspector_call():
+    from pipeline.serve_core import pair_cost, slice_pairs
+
+    pairs = [("q", "a" * 20000)] * 3 + [SAFE] * 100
+    slices = slice_pairs(pairs, budget=4096, max_pairs=32)
+    assert [p for s, _ in slices for p in s] == pairs              # order kept, nothing lost
+    assert all(c <= 4096 and len(s) <= 32 for s, c in slices)
+    assert [len(s) for s, _ in slices[:3]] == [1, 1, 1]            # each long pair alone
+    assert slice_pairs(pairs[:1], budget=1000, max_pairs=32)[0][1] == 1000  # counted at the budget
+    assert sum(c for _, c in slice_pairs([SAFE] * 5, 4096, 32)) == 5 * pair_cost(*SAFE)
+
+
+def test_admission_refuses_too_large_requests_and_sheds_beyond_capacity():
+    from pipeline.serve_core import Admission
+
+    gate = Admission(capacity_tokens=1000, max_request_tokens=1500, drain_tokens_per_s=100)
+    with pytest.raises(RequestError) as e:
+        gate.check_size(1501)
+    assert e.value.status == 413 and "limit per request is 1500" in e.value.detail
+    with gate.admit(600):
+        with gate.admit(400):
+            with pytest.raises(StageError) as e:
+                gate.admit(1)
+            assert e.value.status == 503 and e.value.retry_after_s >= 1 and "retry later" in e.value.detail
+        assert gate.outstanding == 600
+    assert gate.outstanding == 0
+    with gate.admit(1500):                                         # above capacity: only when idle
+        with pytest.raises(StageError):
+            gate.admit(10)
+    try:
+        with gate.admit(100):
+            raise RuntimeError("the request failed")
+    except RuntimeError:
+        pass
+    assert gate.outstanding == 0 and gate.state()["refused"] == 2
+
+
+def test_recent_outcomes_tell_when_the_inspector_does_not_answer():
+    from pipeline.serve_core import RecentOutcomes
+
+    now = [0.0]
+    recent = RecentOutcomes(window_s=30, min_calls=5, max_failure_share=0.5, clock=lambda: now[0])
+    for _ in range(4):
+        recent.record(False, "timed out after 5 s")
+    assert recent.verdict() is None                                # too few calls to judge
+    recent.record(True)
+    recent.record(False, "timed out after 5 s")
+    v = recent.verdict()
+    assert v and "failed 5 of its last 6 calls" in v and "timed out" in v
+    now[0] = 31.0                                                  # old failures age out
+    recent.record(True)
+    assert recent.verdict() is None and recent.summary()["calls"] == 1
+
+
+def test_queue_limits_and_request_timeout_are_derived_from_the_settings():
+    s = ServeSettings()
+    cap = s.inspector_capacity_tokens()
+    assert cap == int(s.inspector_tokens_per_s * s.inspector_timeout_s * 0.5)
+    ongoing, queued = s.ingress_limits()
+    assert (ongoing + queued) * 128 <= cap + 128 and ongoing >= 1 and queued >= 1
+    assert s.request_token_budget() == cap
+    assert s.effective_request_timeout_s() == 2 * s.inspector_timeout_s + s.aligner_timeout_s + 5
+    assert ServeSettings(aligner=None, inspector_timeout_s=2).effective_request_timeout_s() == 9
+    two = ServeSettings(inspector_replicas=2)
+    assert two.inspector_capacity_tokens() == 2 * cap and sum(two.ingress_limits()) > ongoing + queued
+    assert ServeSettings(max_ongoing_requests=3, max_queued_requests=-1).ingress_limits() == (3, -1)
+    with pytest.raises(ValidationError, match="request_timeout_s"):
+        ServeSettings(request_timeout_s=5, inspector_timeout_s=10)
+    # the issue's body (256 items x 20,000 characters) is far above the default budget: 413 at once
+    from pipeline.serve_core import pair_cost
+
+    assert 256 * pair_cost("q" * 20000, "a" * 20000) > s.request_token_budget()
+    assert 256 * pair_cost(*SAFE) <= s.request_token_budget()     # a full list of chat pairs fits

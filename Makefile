@@ -11,7 +11,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# torch first: the CPU build on this machine; anything else pulls a multi-GB CUDA build.
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[all,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -20,12 +20,16 @@ demo: setup
 	$(PY) -m pipeline.batch examples/chat_logs.jsonl --out demo_output.jsonl
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
+
+# The fast tier (no model training, no Ray cluster / Ray Serve, no long CLIs): tests marked slow are skipped.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 # Rebuild the bundled default inspector from the real data (same data + seed = same metrics).
 # Data choice (sources left out, 2,500 pairs per source at most) and threshold rule: inspector/default_model/README.md.
 inspector: setup
-	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 2 --members 2 --augment 0.2 --threshold-rule balanced --target-fpr 0.03 --holdout-sources pku_saferlhf_mini coconot_pref --holdout-epochs 1 --seed 0
+	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 2 --members 1 --augment 0.2 --threshold-rule balanced --target-fpr 0.03 --seed 0
 
 # Leave-one-source-out study of the data / threshold recipes (frozen features; ~10 min the first time, then ~3 min).
 loso: setup

@@ -18,8 +18,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "python3"
 
 
+def require_jupyter() -> None:
+    """ImportError naming the extra when the notebook runner's dependencies are missing."""
+    try:
+        import ipykernel  # noqa: F401
+        import jupyter_client  # noqa: F401
+        import nbclient  # noqa: F401
+        import nbformat  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"running notebooks needs nbclient, nbformat, jupyter-client and ipykernel ({e}); "
+                          "install them with pip install 'aligner-inspector-pipeline[experiments]'") from e
+
+
 def ensure_kernel(name: str = KERNEL) -> None:
     """A fresh venv may lack the ``python3`` kernelspec: install it into this environment."""
+    require_jupyter()
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
@@ -32,6 +45,7 @@ def ensure_kernel(name: str = KERNEL) -> None:
 
 def parameter_names(path: str | Path) -> list[str]:
     """The environment variables the notebook's code reads (``os.environ.get("NAME", ...)``)."""
+    require_jupyter()
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
@@ -44,6 +58,7 @@ def run_notebook(path: str | Path, env: dict[str, str] | None = None, cwd: str |
     """Execute ``path`` top to bottom in a new kernel whose environment has ``env`` added, in
     ``cwd`` (default: the current directory, so relative paths mean what the caller meant);
     raises ``nbclient.exceptions.CellExecutionError`` (with the cell's traceback) on failure."""
+    require_jupyter()
     import nbformat
     from nbclient import NotebookClient
 

@@ -189,7 +189,11 @@ def cost_per_1000(curve: pd.DataFrame, inspector_cost: float, aligner_cost: floa
 
 # ------------------------------------------------------------------------------------ plots
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plots need matplotlib; install it with "
+                          "pip install 'aligner-inspector-pipeline[experiments]'") from e
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

@@ -273,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         format_of(args.out, "output")
         args.aligner = resolve_aligner(args.aligner, args.fallback)
         if args.engine == "ray":
-            from .ray_engine import run_ray_batch
+            from .ray_engine import require_ray_data, run_ray_batch
 
+            try:
+                require_ray_data()
+            except ImportError as e:  # the [ray] extra is not installed: say so, no traceback
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             summary = run_ray_batch(args.input, args.out, inspector_dir=args.inspector,
                                     threshold=args.threshold, aligner=args.aligner, fallback=args.fallback,
                                     max_new_tokens=args.max_new_tokens, query_col=args.query_col,

@@ -45,6 +45,17 @@ READ_CPUS = 0.5            # a read task parses text: leave the rest of a core t
 CPU_ALIGNER_CPUS = 0.5     # an aligner actor without a GPU (tests, CPU-only clusters)
 
 
+def require_ray_data():
+    """``ray`` with Ray Data, or an ImportError that names the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (ray without the [data] extra lacks its dependencies)
+    except ImportError as e:
+        raise ImportError(f"the Ray engine needs Ray Data ({e}); install it with "
+                          "pip install 'aligner-inspector-pipeline[ray]'") from e
+    return ray
+
+
 # ---------------------------------------------------------------------------------------- reading
 def _local_copy(uri: str) -> tuple[Path, Path]:
     """Stream a remote file to this node's temp disk, so ``read_chunks`` reads it unchanged."""
@@ -245,7 +256,7 @@ def run_ray_batch(input_path: str | Path, output_path: str | Path, *, inspector_
     cluster, shipping this project's packages with the job (``runtime_env`` overrides that). An
     already initialised Ray (tests, notebooks) is used as is, address ignored.
     """
-    import ray
+    ray = require_ray_data()
 
     if is_uri(output_path):
         raise InputError(f"--out {output_path}: the Ray engine writes one local file; give a path")

@@ -210,7 +210,11 @@ class OpenAIBackend(Backend):
     def __init__(self, base_url: str, model: str | None = None, concurrency: int = 8,
                  timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0,
                  max_backoff: float = 60.0, api_key: str | None = None):
-        import httpx
+        try:
+            import httpx
+        except ImportError as e:
+            raise ImportError("the openai backend needs httpx; install it with "
+                              "pip install 'aligner-inspector-pipeline[synth]'") from e
 
         self.base_url = base_url.rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):

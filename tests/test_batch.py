@@ -371,6 +371,7 @@ def test_threshold_override_and_fail_closed(inspector, tmp_path):
         PipelineConfig(threshold=3)
 
 
+@pytest.mark.slow  # the batch CLI in subprocesses
 def test_cli_end_to_end_and_unreadable_inputs(tmp_path):
     out = tmp_path / "scored.parquet"
     res = subprocess.run([sys.executable, "-m", "pipeline.batch", str(LOGS), "--out", str(out),
@@ -390,6 +391,7 @@ def test_cli_end_to_end_and_unreadable_inputs(tmp_path):
         assert res.returncode == 2 and message in res.stderr
 
 
+@pytest.mark.slow  # the batch CLI twice, float32 and int8
 def test_cli_int8_scores_with_the_quantised_encoder(pipeline, tmp_path):
     """--int8 reaches the inspector: the CLI's scores are the int8 inspector's, not the float32 ones."""
     from pipeline.batch import main

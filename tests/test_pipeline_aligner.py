@@ -119,6 +119,7 @@ def test_aligner_failure_applies_fallback(inspector):
     assert res[0].answer == "Sorry, no." and res[0].fallback == "fail_closed"
 
 
+@pytest.mark.slow  # the batch CLI in a subprocess, with an aligner
 def test_batch_cli_with_aligner(tiny_aligner_dir, tmp_path):
     out = tmp_path / "scored.jsonl"
     res = subprocess.run([sys.executable, "-m", "pipeline.batch", str(EXAMPLES / "chat_logs.jsonl"),

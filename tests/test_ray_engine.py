@@ -52,7 +52,7 @@ def test_ray_engine_matches_local_engine(ray_cluster, mixed_logs, tmp_path, caps
 
     a, b = read_jsonl(ray_out), read_jsonl(local_out)
     assert len(a) == len(b) == 42
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert list(ra) == list(rb)  # same columns, same order, row by row (input order kept)
         assert {k: v for k, v in ra.items() if k not in FLOATS} == {k: v for k, v in rb.items() if k not in FLOATS}
         for k in FLOATS:

@@ -199,6 +199,7 @@ def default_inspector() -> Inspector:
     return Inspector.load()
 
 
+@pytest.mark.slow  # the evasion suite end to end
 def test_evasion_suite_on_the_bundled_inspector(default_inspector):
     """The suite runs on the shipped model: each attack's share of flagged harmful answers that stay
     flagged (README: "Evasion"). Character tricks are undone before scoring, so they cost nothing."""

@@ -718,6 +718,7 @@ def test_hf_too_long_prompt_is_a_filtered_row(tiny_models, embedder, tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # the synth CLI in a subprocess, interrupted and resumed
 def test_cli_ctrl_c_then_resume(llm, embedder, tmp_path, capsys):
     qfile = tmp_path / "q.txt"
     qfile.write_text("\n".join(QUESTIONS[5:13]) + "\n")

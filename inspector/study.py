@@ -29,7 +29,7 @@ import pandas as pd
 from .data import (DEFAULT_CAP_PER_SOURCE, DEFAULT_EXCLUDED_SOURCES, PROJECT_SOURCES, SPLIT_FRACTIONS,
                    candidate_training_rows, cap_per_source, fingerprint, stratified_split)
 from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
-from .metrics import binary_report, clean_json, threshold_for_rule
+from .metrics import binary_report, clean_json, recall_at_fpr, threshold_for_rule
 from .text import TEXT_VERSION
 
 # sources that are one kind of traffic are left out together (DICES' two sets share their chats' style)
@@ -204,6 +204,25 @@ def summarise(results: dict[str, dict], n_boot: int = 200, seed: int = 0) -> dic
     return {"by_group": per, "summary": summary}
 
 
+def _one_metric(metric: str, y: np.ndarray, s: np.ndarray, thr: float) -> float:
+    """One of ``HEADLINE`` without the rest of ``binary_report`` (the bootstrap computes it thousands of times);
+    NaN where the group lacks the class it needs."""
+    from sklearn.metrics import roc_auc_score
+
+    pos, neg = y == 1, y == 0
+    if metric == "benign_routed":
+        return float((s[neg] >= thr).mean()) if neg.any() else float("nan")
+    if metric == "harmful_caught":
+        return float((s[pos] >= thr).mean()) if pos.any() else float("nan")
+    if not (pos.any() and neg.any()):
+        return float("nan")
+    if metric == "roc_auc":
+        return float(roc_auc_score(y, s))
+    if metric == "recall_at_5pct_fpr":
+        return recall_at_fpr(y, s, 0.05)
+    return float(group_figures(y, s, thr).get(metric, float("nan")))
+
+
 def paired_difference(a: dict[str, dict], b: dict[str, dict], metric: str = "recall_at_5pct_fpr",
                       n_boot: int = 200, seed: int = 0) -> dict:
     """Mean over groups of recipe ``a`` minus recipe ``b`` for ``metric``, with a paired bootstrap
@@ -215,10 +234,10 @@ def paired_difference(a: dict[str, dict], b: dict[str, dict], metric: str = "rec
         diffs = []
         for g in groups:
             idx = pick(g)
-            fa = group_figures(a[g]["y"][idx], a[g]["scores"][idx], a[g]["threshold"])
-            fb = group_figures(b[g]["y"][idx], b[g]["scores"][idx], b[g]["threshold"])
-            if metric in fa and fa[metric] == fa[metric]:
-                diffs.append(fa[metric] - fb[metric])
+            va = _one_metric(metric, a[g]["y"][idx], a[g]["scores"][idx], a[g]["threshold"])
+            vb = _one_metric(metric, b[g]["y"][idx], b[g]["scores"][idx], b[g]["threshold"])
+            if va == va and vb == vb:
+                diffs.append(va - vb)
         return float(np.mean(diffs)) if diffs else float("nan")
 
     point = mean_diff(lambda g: np.arange(len(a[g]["y"])))
@@ -249,12 +268,13 @@ RECIPES = {r.name: r for r in [
     StudyRecipe("shippable-weighted-5pct", **_SHIPPABLE),
     StudyRecipe("shippable-weighted-3pct", **_SHIPPABLE, target=0.03),
     StudyRecipe("shippable-3pct", **{**_SHIPPABLE, "balance": "none"}, target=0.03),
+    StudyRecipe("shippable-5pct", **{**_SHIPPABLE, "balance": "none"}),
     StudyRecipe("shippable-no-diasafety-3pct", **{**_SHIPPABLE, "balance": "none",
                                                    "exclude": _SHIPPABLE["exclude"] + ("diasafety",)}, target=0.03),
 ]}
 # the recipe of the bundled default's data and threshold (inspector.data.DEFAULT_*; make inspector): the
 # cap is its only balancing, as the adapter's training weighs every pair the same
-DEFAULT_RECIPE = "shippable-3pct"
+DEFAULT_RECIPE = "shippable-5pct"
 
 
 def public_groups(sources) -> list[str]:

@@ -2,21 +2,21 @@
 
 ``Aligner.load(id_or_path)`` takes any Hugging Face causal LM or encoder-decoder checkpoint;
 ``python -m aligner.train`` fine-tunes one with identity warm-up; ``python -m aligner.evaluate``
-measures it. ``apply_fallback`` decides what is shown when no usable correction exists.
+measures it. What is shown when no usable correction exists (the fallback policy) is the
+pipeline's decision: ``pipeline.routing``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .fallback import DEFAULT_REFUSAL, FALLBACK_POLICIES, apply_fallback
-from .routing import RoutedAnswer, correct_flagged
+from .results import CorrectionResult, Reason
 from .template import DEFAULT_TEMPLATE
 
 
 def __getattr__(name: str):
     """The model classes import torch + transformers (seconds); load them only when asked for,
-    so the fallback policy and routing stay cheap to import (e.g. in the Serve ingress)."""
-    if name in ("Aligner", "CorrectionResult", "detect_degenerate"):
+    so the result types stay cheap to import (e.g. in the Serve ingress)."""
+    if name in ("Aligner", "detect_degenerate"):
         from . import model
 
         return getattr(model, name)
@@ -48,6 +48,5 @@ def find_default_aligner() -> Path | None:
     return None
 
 
-__all__ = ["Aligner", "CorrectionResult", "DEFAULT_TEMPLATE", "FALLBACK_POLICIES", "DEFAULT_REFUSAL",
-           "DEFAULT_ALIGNER_DIR", "HOW_TO_GET_DEFAULT", "apply_fallback", "correct_flagged",
-           "RoutedAnswer", "detect_degenerate", "find_default_aligner", "is_loadable_model_dir"]
+__all__ = ["Aligner", "CorrectionResult", "DEFAULT_TEMPLATE", "DEFAULT_ALIGNER_DIR", "HOW_TO_GET_DEFAULT",
+           "Reason", "detect_degenerate", "find_default_aligner", "is_loadable_model_dir"]

@@ -7,12 +7,12 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .results import CorrectionResult, Reason, degenerate_reason
 from .template import DEFAULT_TEMPLATE, build_prompt, validate_template
 
 CONFIG_NAME = "aligner_config.json"
@@ -20,18 +20,6 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_INPUT_TOKENS = 1024
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_BATCH_SIZE = 8
-
-
-@dataclass
-class CorrectionResult:
-    """One correction. ``ok=False`` means the caller's fallback applies; ``problem`` says why, or
-    carries a note (e.g. "input shortened") that does not make the result unusable."""
-
-    text: str
-    ok: bool
-    problem: str | None = None
-    new_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -365,13 +353,13 @@ class Aligner:
         notes: dict[int, list[str]] = {}
         for i, (q, a) in enumerate(zip(queries, answers)):
             if not isinstance(q, str) or not isinstance(a, str):
-                results[i] = CorrectionResult("", False, f"query and answer must be strings, got "
-                                              f"{type(q).__name__} and {type(a).__name__}")
+                results[i] = CorrectionResult.failed(Reason.INVALID_INPUT, f"query and answer must be strings, "
+                                                     f"got {type(q).__name__} and {type(a).__name__}")
                 continue
             try:
                 ids, shortened = self.prompt_ids(q, a)
             except Exception as exc:  # noqa: BLE001 - reported per item, never raised
-                results[i] = CorrectionResult("", False, f"input error: {exc}")
+                results[i] = CorrectionResult.failed(Reason.INVALID_INPUT, f"input error: {exc}")
                 continue
             encoded[i] = ids
             notes[i] = ["input shortened"] if shortened else []
@@ -388,8 +376,8 @@ class Aligner:
         for batch in iterator:
             if deadline is not None and time.monotonic() >= deadline:
                 for i in batch:
-                    results[i] = CorrectionResult("", False, f"timed out after {timeout_s} s (not started)",
-                                                  notes=notes[i])
+                    results[i] = CorrectionResult.failed(Reason.TIMEOUT, f"timed out after {timeout_s} s (not started)",
+                                                         notes=notes[i])
                 continue
             for i, res in zip(batch, self._run_batch([encoded[i] for i in batch], gen_kwargs, deadline)):
                 res.notes = notes[i] + res.notes
@@ -435,13 +423,13 @@ class Aligner:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **gen)
         except torch.cuda.OutOfMemoryError:
             if len(seqs) == 1:
-                return [CorrectionResult("", False, "generation error: out of GPU memory")]
+                return [CorrectionResult.failed(Reason.ALIGNER_ERROR, "generation error: out of GPU memory")]
             torch.cuda.empty_cache()
             half = len(seqs) // 2
             return self._run_batch(seqs[:half], gen, deadline) + self._run_batch(seqs[half:], gen, deadline)
         except Exception as exc:  # noqa: BLE001 - one failing batch must not fail the call
             msg = f"generation error: {type(exc).__name__}: {exc}"
-            return [CorrectionResult("", False, msg[:500]) for _ in seqs]
+            return [CorrectionResult.failed(Reason.ALIGNER_ERROR, msg[:500]) for _ in seqs]
         timed_out = deadline is not None and time.monotonic() >= deadline
         new = out[:, ids.shape[1]:] if not self.is_encoder_decoder else out[:, 1:]
         eos = gen.get("eos_token_id")
@@ -458,13 +446,14 @@ class Aligner:
             res_notes = []
             if timed_out and not finished:
                 # the deadline cut it short: that, not what the half-written text looks like, is why
-                problem = f"timed out after generating {len(toks)} tokens"
+                problem, reason = f"timed out after generating {len(toks)} tokens", Reason.TIMEOUT
             else:
                 problem = detect_degenerate(text, toks)
+                reason = degenerate_reason(problem)
                 if problem is None and not finished:
                     res_notes.append("stopped at max_new_tokens")
             results.append(CorrectionResult(text, problem is None, problem, len(toks) + int(finished),
-                                            res_notes))
+                                            res_notes, reason))
         return results
 
     def _clean(self, text: str) -> str:

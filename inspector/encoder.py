@@ -22,7 +22,6 @@ import numpy as np
 
 from .text import normalize_text
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_EMBEDDER = "packaged:all-MiniLM-L6-v2"

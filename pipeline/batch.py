@@ -27,7 +27,9 @@ from pathlib import Path
 from inspector import check_unicode
 
 from .io import InputError, RowWriter, count_rows, format_of, input_columns, is_uri, read_chunks
-from .routing import ModerationPipeline, PipelineConfig
+from .core import ModerationPipeline
+from .env import offline_by_default
+from .routing import PipelineConfig
 
 OUTPUT_COLUMNS = ("inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback", "error")
 
@@ -158,6 +160,9 @@ def process_rows(rows: list[dict], pipeline: ModerationPipeline, query_col: str,
             results = []
         for i, r in zip(idx, results):
             row = out[i]
+            if r.error is not None:  # the inspector failed on this pair alone
+                row["error"] = f"row {summary.rows + i + 1}: scoring failed: {r.error}"
+                continue
             row["inspector_score"] = r.score
             row["flagged"] = r.flagged
             row["corrected_answer"] = r.corrected_answer
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(README, 'int8'); re-tune --threshold on it")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    offline_by_default()  # the entry point decides, before any model loads (not an import)
     if args.chunk_rows < 1:
         ap.error(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
 

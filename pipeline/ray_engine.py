@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batch import OUTPUT_COLUMNS, Summary, build_pipeline, output_columns, output_schema_hint, process_rows
+from .env import offline_by_default
 from .io import InputError, RowWriter, format_of, is_uri, read_chunks
 from .routing import PipelineConfig
 
@@ -143,6 +144,7 @@ class InspectStage:
     """Ray actor (one inspector load per actor): annotates a batch exactly as the local engine."""
 
     def __init__(self, inspector_dir, threshold, fallback, max_new_tokens, query_col, answer_col, int8=False):
+        offline_by_default()
         self.pipeline = build_pipeline(inspector_dir, threshold, None, fallback, max_new_tokens, int8=int8)
         self.cols = (query_col, answer_col)
 
@@ -160,6 +162,7 @@ class AlignStage:
 
     def __init__(self, inspector_dir, threshold, aligner, fallback, max_new_tokens, query_col, answer_col,
                  int8=False):
+        offline_by_default()
         self.pipeline = build_pipeline(inspector_dir, threshold, aligner, fallback, max_new_tokens, int8=int8)
         self.cols = (query_col, answer_col)
 

@@ -7,8 +7,8 @@ Three deployments, composed through DeploymentHandles:
   the pairs the inspector flagged; absent when no aligner is configured or found;
 - ``Moderator``: the FastAPI ingress. ``POST /v1/moderate``, ``POST /v1/chat/completions`` (an
   OpenAI-compatible proxy in front of ``upstream_url``) and ``GET /healthz``. Its decision is
-  ``serve_core.ModerationFlow``: ``pipeline.routing.route`` and the fallback policy, the same
-  code as ``python -m pipeline.batch``.
+  ``serve_core.ModerationFlow``: ``pipeline.core.moderate``, the same code as
+  ``python -m pipeline.batch``.
 
 Configure with ``serve run pipeline.serve:build_app threshold=0.4 aligner=none`` or with the
 ``args:`` of a Serve config (see ``serve_config.yaml``). Overload: the ingress admits scoring work
@@ -27,14 +27,14 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from aligner.model import CorrectionResult
+from aligner.results import CorrectionResult, Reason
 
+from .env import offline_by_default
 from .serve_core import (Admission, AlignerService, InspectorService, ModerationFlow, PipelineMetrics,
                          RecentOutcomes, RequestError, ServeSettings, StageError, apply_to_chat_response,
                          message_text, moderation_json, pair_cost, parse_chat_body, parse_moderate_body,
@@ -89,6 +89,8 @@ class InspectorDeployment:
 
     def __init__(self, settings: dict):
         s = ServeSettings.model_validate(settings)
+        if not s.download_models:
+            offline_by_default()
         self.service = InspectorService(s.inspector, s.torch_threads, s.inspector_int8)
         self.score.set_max_batch_size(s.inspector_batch_tokens)
         self.score.set_batch_wait_timeout_s(s.inspector_batch_wait_s)
@@ -110,6 +112,8 @@ class AlignerDeployment:
 
     def __init__(self, settings: dict):
         s = ServeSettings.model_validate(settings)
+        if not s.download_models:
+            offline_by_default()
         self.service = AlignerService(s.aligner, s.aligner_device, s.generation_kwargs(), s.aligner_timeout_s,
                                       s.aligner_max_batch_size, s.torch_threads)
         self.correct.set_max_batch_size(s.aligner_max_batch_size)
@@ -180,7 +184,7 @@ class Moderator:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.settings.upstream_timeout_s))
 
     # -- calls to the model deployments -----------------------------------------------------------
-    async def _score(self, queries: list[str], answers: list[str]) -> np.ndarray:
+    async def _score(self, queries: list[str], answers: list[str]) -> list:
         """Score in slices of at most ``inspector_batch_tokens`` estimated tokens, at most
         ``SLICES_IN_FLIGHT`` at a time, all within one ``inspector_timeout_s`` deadline: a large
         request never holds the inspector for more than a slice while others wait, and once it
@@ -214,11 +218,7 @@ class Moderator:
         finally:
             for t in tasks:
                 t.cancel()
-        flat = [x for p in parts for x in p]
-        bad = [f"pair {i}: {x.error}" for i, x in enumerate(flat) if x.error]
-        if bad:  # the ingress validates first, so this means the two checks disagree
-            raise StageError("inspector", "; ".join(bad[:3]), status=422)
-        return np.array([x.score for x in flat], dtype=float)
+        return [x for p in parts for x in p]  # PairScores: a pair that failed fails alone
 
     async def _correct(self, queries: list[str], answers: list[str]) -> list[CorrectionResult]:
         s = self.settings
@@ -229,12 +229,12 @@ class Moderator:
             try:
                 return await _call(self.aligner.correct.remote(chunk), s.aligner_timeout_s)
             except asyncio.TimeoutError:
-                problem = f"aligner timed out after {s.aligner_timeout_s} s"
+                reason, problem = Reason.TIMEOUT, f"aligner timed out after {s.aligner_timeout_s} s"
             except BackPressureError:
-                problem = "aligner overloaded (max_queued_requests reached)"
+                reason, problem = Reason.OVERLOADED, "aligner overloaded (max_queued_requests reached)"
             except Exception as exc:  # noqa: BLE001 - the fallback policy applies
-                problem = f"aligner error: {_short(exc)}"
-            return [CorrectionResult("", False, problem) for _ in chunk]
+                reason, problem = Reason.ALIGNER_ERROR, f"aligner error: {_short(exc)}"
+            return [CorrectionResult.failed(reason, problem) for _ in chunk]
 
         parts = await asyncio.gather(*[one(pairs[k:k + n]) for k in range(0, len(pairs), n)])
         return [r for p in parts for r in p]
@@ -311,7 +311,11 @@ class Moderator:
         cost = sum(pair_cost(q, a) for q, a in zip(queries, answers))
         self.admission.check_size(cost)
         with self.admission.admit(cost):
-            return await self.flow.moderate(queries, answers, endpoint)
+            out = await self.flow.moderate(queries, answers, endpoint)
+        bad = [f"pair {i}: {m.error}" for i, m in enumerate(out) if m.error is not None]
+        if bad and endpoint == "chat":  # an unscored answer is never passed on
+            raise StageError("inspector", "; ".join(bad[:3]), status=422)
+        return out
 
     async def _moderate(self, request: Request):
         try:
@@ -323,8 +327,13 @@ class Moderator:
             results = await self._moderated([it.query for it in good], [it.answer for it in good],
                                             "moderate") if good else []
             if not is_list:
+                if results[0].error is not None:
+                    raise RequestError(422, results[0].error)
                 return moderation_json(results[0])
             by_index = {it.index: r for it, r in zip(good, results)}
+            for it in good:  # a pair the inspector could not score fails alone
+                if by_index[it.index].error is not None:
+                    it.error = f"item {it.index}: {by_index[it.index].error}"
             return {"results": [moderation_json(by_index[it.index], it.index) if it.error is None
                                 else {"index": it.index, "error": it.error} for it in items]}
         except RequestError as exc:

@@ -4,9 +4,9 @@
   ``serve_config.yaml``), validated with clear messages and resolved to absolute paths.
 - ``InspectorService`` / ``AlignerService``: what the Inspector and Aligner deployments run on a
   batch; neither raises for one bad pair.
-- ``ModerationFlow``: the ingress's decision for one request. It calls ``route`` and
-  ``resolve_flagged``/``reinspect_targets``/``finish`` from ``pipeline.routing``, the code the batch
-  job runs, with the inspector and aligner behind async callables (Serve handles in production).
+- ``ModerationFlow``: the ingress's decision for one request: ``pipeline.core.moderate``, the code
+  the batch job runs, with the inspector and aligner behind async callables (Serve handles in
+  production), plus the metrics.
 - Request parsing for ``/v1/moderate`` and ``/v1/chat/completions`` and the metrics layer.
 """
 from __future__ import annotations
@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from aligner.fallback import DEFAULT_REFUSAL
-from aligner.model import CorrectionResult
+from aligner.results import CorrectionResult, Reason
 
 from .batch import extract_pair
-from .routing import (STILL_FLAGGED, Moderation, PipelineConfig, finish, reinspect_targets,
-                      reject_flagged_corrections, resolve_flagged, route)
+from .core import Calls, InspectorScorer, PairScore, moderate
+from .routing import DEFAULT_REFUSAL, Moderation, PipelineConfig
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -128,7 +126,8 @@ class ServeSettings(BaseModel):
 
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(threshold=self.threshold, fallback=self.fallback, refusal_text=self.refusal_text,
-                              reinspect=self.reinspect, max_new_tokens=self.max_new_tokens)
+                              reinspect=self.reinspect, max_new_tokens=self.max_new_tokens,
+                              generation=dict(self.generation))
 
     # -- limits derived from the settings (how: /work/serving_notes.md, "Sizing the queues") ----------
     def inspector_capacity_tokens(self) -> int:
@@ -164,10 +163,7 @@ class ServeSettings(BaseModel):
         return t
 
     def generation_kwargs(self) -> dict:
-        gen = dict(self.generation)
-        if self.max_new_tokens:
-            gen["max_new_tokens"] = self.max_new_tokens
-        return gen
+        return self.pipeline_config().generation_kwargs()
 
 
 def _looks_like_path(s: str) -> bool:
@@ -266,12 +262,6 @@ def _check_embedder(folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- services
-@dataclass
-class PairScore:
-    score: float | None
-    error: str | None = None
-
-
 class InspectorService:
     """The inspector as its deployment runs it: validates each pair, scores the valid ones in one
     call, and answers every pair (an invalid one gets an error, never fails the others)."""
@@ -294,33 +284,9 @@ class InspectorService:
                 "int8": self.inspector.encoder.int8}
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[PairScore]:
-        from inspector import check_pairs
-
-        out: list[PairScore | None] = [None] * len(pairs)
-        ok = []
-        for i, pair in enumerate(pairs):
-            try:
-                q, a = pair
-                check_pairs([q], [a])
-                ok.append(i)
-            except (TypeError, ValueError) as exc:
-                out[i] = PairScore(None, str(exc).replace("pair 0: ", ""))
-        if ok:
-            try:
-                scores = list(self.inspector.score([pairs[i][0] for i in ok], [pairs[i][1] for i in ok]))
-            except Exception:  # noqa: BLE001 - a pair the checks missed must not fail the others
-                if len(ok) == 1:
-                    raise
-                scores = [self._score_alone(*pairs[i]) for i in ok]
-            for i, s in zip(ok, scores):
-                out[i] = s if isinstance(s, PairScore) else PairScore(float(s))
-        return out  # type: ignore[return-value]
-
-    def _score_alone(self, query: str, answer: str) -> float | PairScore:
-        try:
-            return float(self.inspector.score([query], [answer])[0])
-        except Exception as exc:  # noqa: BLE001
-            return PairScore(None, f"the inspector failed on this pair: {type(exc).__name__}: {exc}"[:500])
+        """One ``PairScore`` per pair; a pair that fails (invalid, or the model raises on it) fails
+        alone (``pipeline.core.InspectorScorer``, what the batch job scores with)."""
+        return InspectorScorer(self.inspector).score_pairs([p[0] for p in pairs], [p[1] for p in pairs])
 
 
 class AlignerService:
@@ -352,7 +318,7 @@ class AlignerService:
                                                  **self.generation)
         except Exception as exc:  # noqa: BLE001 - the rows get the fallback, the replica stays up
             msg = f"aligner error: {type(exc).__name__}: {exc}"[:500]
-            return [CorrectionResult("", False, msg) for _ in pairs]
+            return [CorrectionResult.failed(Reason.ALIGNER_ERROR, msg) for _ in pairs]
 
 
 def _set_threads(n: int | None) -> None:
@@ -678,13 +644,15 @@ class PipelineMetrics:
         self._observe("request_ms", latency_ms, endpoint=endpoint)
 
     def outcomes(self, endpoint: str, results: Sequence[Moderation], policy: str) -> None:
-        flagged = sum(r.flagged for r in results)
-        self._inc("pairs", len(results), endpoint=endpoint)
+        flagged = sum(r.flagged for r in results if r.error is None)
+        self._inc("pairs", sum(r.error is None for r in results), endpoint=endpoint)
         self._inc("flagged", flagged, endpoint=endpoint)
         self._inc("corrected", sum(r.corrected for r in results), endpoint=endpoint)
+        results = [r for r in results if r.error is None]
         for r in results:
             if r.fallback:
-                self._inc("fallbacks", 1, endpoint=endpoint, policy=r.fallback, reason=fallback_reason(r.problem))
+                reason = (r.reason or Reason.UNUSABLE).value
+                self._inc("fallbacks", 1, endpoint=endpoint, policy=r.fallback, reason=reason)
         pairs = self.totals[("pairs", ("endpoint", endpoint))]
         if pairs and "share" in self._m:
             self._m["share"].set(self.totals[("flagged", ("endpoint", endpoint))] / pairs,
@@ -697,22 +665,6 @@ class PipelineMetrics:
         self._observe(f"{step}_ms", ms)
 
 
-def fallback_reason(problem: str | None) -> str:
-    """Short label for why a flagged pair got the fallback (a metric tag)."""
-    p = (problem or "").lower()
-    if p.startswith(STILL_FLAGGED):
-        return "still_flagged"
-    if "no aligner" in p or "disabled" in p:
-        return "no_aligner"
-    if "timed out" in p:
-        return "timeout"
-    if "overloaded" in p:
-        return "overloaded"
-    if "error" in p or "unavailable" in p:
-        return "error"
-    return "unusable_output"
-
-
 # ----------------------------------------------------------------------------- the decision
 class StageError(Exception):
     """The inspector could not score a request: the ingress answers ``status`` (503)."""
@@ -722,87 +674,49 @@ class StageError(Exception):
         self.stage, self.detail, self.status, self.retry_after_s = stage, detail, status, retry_after_s
 
 
-class _Corrections:
-    """An 'aligner' whose corrections already came back from the Aligner deployment, so that
-    ``resolve_flagged`` (hence ``aligner.routing.correct_flagged``) applies the fallback policy
-    exactly as the batch job does."""
-
-    def __init__(self, results: list[CorrectionResult]):
-        self.results = results
-
-    def correct_detailed(self, queries, answers, **_generation) -> list[CorrectionResult]:
-        if len(queries) != len(self.results):
-            raise RuntimeError(f"{len(self.results)} corrections for {len(queries)} flagged pairs")
-        return self.results
-
-
-ScoreFn = Callable[[list[str], list[str]], Awaitable[np.ndarray]]
+ScoreFn = Callable[[list[str], list[str]], Awaitable[Sequence["float | PairScore"]]]
 CorrectFn = Callable[[list[str], list[str]], Awaitable[list[CorrectionResult]]]
 
 
 class ModerationFlow:
-    """One request's decision, the same steps as ``ModerationPipeline.moderate`` with the inspector
-    and aligner behind async calls: score, ``route``, correct the flagged pairs (failures become
-    failed results, so the fallback policy applies), re-inspect corrections (one still flagged gets
-    the fallback policy), ``finish``."""
+    """One request's decision: ``pipeline.core.moderate`` (what the batch job runs) with the
+    inspector and aligner behind async calls, plus the metrics. The scorer failing as a whole
+    (``StageError``) is the request's failure; everything else is decided per pair."""
 
     def __init__(self, settings: ServeSettings, score: ScoreFn, correct: CorrectFn | None,
                  threshold: Callable[[], Awaitable[float]], metrics: PipelineMetrics | None = None):
         self.settings = settings
         self.config = settings.pipeline_config()
-        self._score, self._correct, self._threshold = score, correct, threshold
+        self._scorer = Calls(score_fn=score)
+        self._corrector = Calls(correct_fn=correct) if correct is not None else None
+        self._threshold = threshold
         self.metrics = metrics or PipelineMetrics(export=False)
 
     async def moderate(self, queries: list[str], answers: list[str], endpoint: str = "moderate"
                        ) -> list[Moderation]:
         try:
             threshold = await self._threshold()
-            t0 = time.perf_counter()
-            scores = await self._score(queries, answers)
+            out = await moderate(queries, answers, self._scorer, self._corrector, self.config, threshold,
+                                 on_error=self.metrics.error)
         except StageError:
             self.metrics.error("inspector")
             raise
-        t1 = time.perf_counter()
-        self.metrics.latency("inspector", (t1 - t0) * 1e3)
-        flagged = route(scores, threshold)
-        idx = [i for i, f in enumerate(flagged) if f]
-        aligner = None
-        if self._correct is not None:
-            results = []
-            if idx:
-                results = await self._correct([queries[i] for i in idx], [answers[i] for i in idx])
-                failed = [r for r in results if not r.ok and (r.problem or "").startswith("aligner ")]
-                if failed:
-                    self.metrics.error("aligner", len(failed))
-            aligner = _Corrections(results)
-        routed = resolve_flagged(aligner, queries, answers, flagged, self.config)
-        t2 = time.perf_counter()
-        if idx and self._correct is not None:
-            self.metrics.latency("aligner", (t2 - t1) * 1e3)
-        corrected_scores: dict[int, float] = {}
-        redo = reinspect_targets(routed, self.config)
-        if redo:
-            try:
-                again = await self._score([queries[i] for i in redo], [routed[i].text for i in redo])
-                corrected_scores = {i: float(s) for i, s in zip(redo, again)}
-            except StageError:  # the correction stands; only its score is missing
-                self.metrics.error("reinspect")
-            # a correction still flagged gets the fallback policy, as in ModerationPipeline.moderate
-            reject_flagged_corrections(answers, routed, corrected_scores, threshold, self.config)
-        t3 = time.perf_counter()
-        timings = {"inspector_ms": _ms(t1 - t0), "aligner_ms": _ms(t2 - t1), "reinspect_ms": _ms(t3 - t2),
-                   "total_ms": _ms(t3 - t0)}
-        out = finish(queries, answers, scores, flagged, routed, corrected_scores, timings)
+        if out:
+            t = out[0].timings_ms
+            self.metrics.latency("inspector", t["inspector_ms"])
+            if self._corrector is not None and any(o.flagged for o in out):
+                self.metrics.latency("aligner", t["aligner_ms"])
+        bad = sum(o.error is not None for o in out)
+        if bad:
+            self.metrics.error("score_pair", bad)
         self.metrics.outcomes(endpoint, out, self.config.fallback)
         return out
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1e3, 2)
-
-
 def moderation_json(m: Moderation, index: int | None = None) -> dict:
     d = m.to_dict()
+    if d.get("error") is None:  # an item's "error" key means it failed (parse_moderate_body)
+        d.pop("error", None)
     if index is not None:
         d = {"index": index, **d}
     if d.get("corrected_score") is not None and not math.isfinite(d["corrected_score"]):

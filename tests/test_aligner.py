@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from aligner import (DEFAULT_REFUSAL, DEFAULT_TEMPLATE, FALLBACK_POLICIES, Aligner, CorrectionResult,
-                     apply_fallback, correct_flagged, detect_degenerate, find_default_aligner,
+from aligner import (DEFAULT_TEMPLATE, Aligner, CorrectionResult, Reason, detect_degenerate, find_default_aligner,
                      is_loadable_model_dir)
 from aligner.data import load_rows, split_by_query, text_key
 from aligner.template import SHORTEN_MARKER, build_prompt
 from aligner.tiny import build_tiny_checkpoint
 from aligner.train import IGNORE, collate, encode_example
+from pipeline.core import correct_flagged
+from pipeline.routing import DEFAULT_REFUSAL, FALLBACK_POLICIES, apply_fallback
 
 QUERIES = ["How do I bake bread?", "hi",
            "What is the capital of France, and what is it famous for in art and history?"]
@@ -289,10 +290,19 @@ def test_no_aligner_or_failing_aligner_applies_the_policy(tiny_dirs, causal):
     open_ = correct_flagged(None, qs, ans, flags, policy="fail_open")
     assert open_[0].text == "a1" and open_[0].fallback_used == "fail_open"
     assert open_[0].problem == "no aligner configured" and open_[1].fallback_used is None
+    assert open_[0].reason is Reason.NO_ALIGNER and open_[1].reason is None
     closed = correct_flagged(None, qs, ans, flags, policy="fail_closed")
     assert closed[0].text == DEFAULT_REFUSAL and closed[1].text == "a2"
     broken = correct_flagged(causal, qs, ans, flags, policy="fail_closed", num_beams=0)
     assert broken[0].text == DEFAULT_REFUSAL and broken[0].problem.startswith("generation error")
+    assert broken[0].reason is Reason.ALIGNER_ERROR
+
+    class Raises:
+        def correct_detailed(self, queries, answers, **gen):
+            raise RuntimeError("CUDA out of memory")
+
+    raised = correct_flagged(Raises(), qs, ans, flags)
+    assert raised[0].reason is Reason.ALIGNER_ERROR and "CUDA out of memory" in raised[0].problem
     with pytest.raises(ValueError, match="lengths differ"):
         correct_flagged(None, qs, ans, [True])
 

@@ -326,7 +326,12 @@ def test_label_review_on_the_test_split(shared_data, inspector):
     assert got["recall_at_5pct_fpr"] == pytest.approx(stored["overall"]["recall_at_5pct_fpr"], abs=0.005)
     pku = stored["by_source"]["pku_saferlhf_mini"]
     assert rep["reviewed_source"]["dataset_labels"]["n"] == pku["n"]
-    test_review = review[review["split"] == "test"]
+    from inspector.data import pair_id
+    from inspector.evaluate import held_out_test_rows
+
+    test_rows = held_out_test_rows(inspector, str(shared_data))
+    pku_rows = test_rows[test_rows["source"] == "pku_saferlhf_mini"]
+    test_review = review.loc[[pair_id(q, a) for q, a in zip(pku_rows["query"], pku_rows["answer"])]]
     agreed = test_review["label"].notna()
     assert rep["left_out_readers_disagreed"] == int((~agreed).sum())
     assert rep["reviewed_source"]["review_labels"]["n"] == int(agreed.sum())

@@ -115,12 +115,17 @@ def test_save_replaces_a_previous_inspectors_adapters(default_inspector, tmp_pat
     """Saving over another inspector's folder leaves none of its adapters behind: load would
     otherwise put them under this inspector's head."""
     q, a = examples["query"][:4].tolist(), examples["answer"][:4].tolist()
-    member0 = adapter_dirs(DEFAULT_MODEL_DIR, 3)[0]
-    head0 = default_inspector.head.heads[0]
+    member0 = adapter_dirs(DEFAULT_MODEL_DIR, 1)[0]
+    head0 = default_inspector.head
+    # a two-member ensemble (the bundled adapter twice) to save over first
+    pair = EnsembleHead(2)
+    pair.heads = [head0, head0]
+    ensemble = Inspector(PairEncoder(adapter=[member0, member0]), pair, 0.5, adapter_dirs=[member0, member0])
     single = Inspector(PairEncoder(adapter=member0), head0, 0.5, adapter_dirs=[member0])
     plain = Inspector(PairEncoder(), head0, 0.5)
     out = tmp_path / "reused"
-    default_inspector.save(out)
+    ensemble.save(out)
+    assert (out / "adapters" / "member-1").is_dir()
     single.save(out)  # ensemble -> one adapter
     assert (out / "adapter").is_dir() and not (out / "adapters").exists()
     np.testing.assert_allclose(Inspector.load(out).score(q, a), single.score(q, a), atol=1e-6)

@@ -69,7 +69,7 @@ def test_moderate_reports_timings_and_keeps_unflagged_untouched(inspector, tiny_
     pipe = ModerationPipeline(inspector, Aligner.load(tiny_aligner_dir, device="cpu"),
                               PipelineConfig(threshold=0.0))  # route everything
     res = pipe.moderate(["Why is the sky blue?"], ["Rayleigh scattering of sunlight."])
-    assert res[0].flagged and set(res[0].timings_ms) == {"inspector_ms", "aligner_ms", "reinspect_ms"}
+    assert res[0].flagged and set(res[0].timings_ms) == {"inspector_ms", "aligner_ms", "reinspect_ms", "total_ms"}
     assert res[0].timings_ms["aligner_ms"] > 0
     pipe = ModerationPipeline(inspector, None, PipelineConfig(threshold=1.0))  # route nothing
     res = pipe.moderate(["Why is the sky blue?"], ["Rayleigh scattering of sunlight."])

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from aligner.tiny import build_tiny_aligner
 from conftest import REPO_ROOT
 from pipeline.serve_core import (AlignerService, InspectorService, ModerationFlow, PipelineMetrics, RequestError,
-                                 ServeSettings, StageError, apply_to_chat_response, fallback_reason,
+                                 ServeSettings, StageError, apply_to_chat_response,
                                  parse_chat_body, parse_moderate_body, resolve_settings)
 
 HARM = ("How can I make a pipe bomb at home?", "Pack a steel pipe with black powder and light the fuse near a crowd.")
@@ -189,22 +189,34 @@ def test_parse_chat_body():
 
 
 # ----------------------------------------------------------------------------- metrics
-def test_fallback_reasons_and_metric_totals():
-    from pipeline.routing import Moderation
+def test_fallback_reasons_are_typed_and_label_the_metrics():
+    """The metric's reason label is the result's ``Reason``, never parsed from the English ``problem``."""
+    from aligner.results import CorrectionResult, Reason, degenerate_reason
+    from pipeline.routing import Moderation, PipelineConfig, decide
 
-    assert fallback_reason("no aligner configured") == "no_aligner"
-    assert fallback_reason("aligner timed out after 0.3 s") == "timeout"
-    assert fallback_reason("timed out after generating 3 tokens") == "timeout"
-    assert fallback_reason("aligner overloaded (max_queued_requests reached)") == "overloaded"
-    assert fallback_reason("aligner error: RayActorError: dead") == "error"
-    assert fallback_reason("runaway repetition") == "unusable_output"
-    assert fallback_reason("correction still flagged on re-inspection (score 0.9 >= threshold 0.5)") == \
-        "still_flagged"
+    assert degenerate_reason("empty output") is Reason.EMPTY_OUTPUT
+    assert degenerate_reason("runaway repetition") is Reason.DEGENERATE and degenerate_reason(None) is None
+    assert CorrectionResult("", False, "whatever a third-party aligner says").reason is Reason.UNUSABLE
+    assert CorrectionResult("fine", True, "input shortened").reason is None
+    cfg = PipelineConfig()
+    assert decide("a", True, None, cfg).reason is Reason.NO_ALIGNER
+    assert decide("a", True, CorrectionResult.failed(Reason.TIMEOUT, "anything at all"), cfg).reason is Reason.TIMEOUT
+    assert decide("a", True, CorrectionResult("  ", True), cfg).reason is Reason.EMPTY_OUTPUT
+    assert decide("a", True, CorrectionResult("b", True, "input shortened"), cfg).reason is None
+    assert decide("a", False, None, cfg).reason is None
     m = PipelineMetrics(export=False)
-    mk = lambda flagged, corrected, fb, problem=None: Moderation(0.5, flagged, "a", "a", corrected, None, None,  # noqa: E731
-                                                                fb, problem)
+    # the words say "timed out" but the reason says overloaded: the label follows the reason
+    odd = Moderation(0.9, True, "a", "a", False, None, None, "fail_open", "timed out, sort of", {},
+                     Reason.OVERLOADED)
+    m.outcomes("moderate", [odd], "fail_open")
+    assert m.totals[("fallbacks", ("endpoint", "moderate"), ("policy", "fail_open"), ("reason", "overloaded"))] == 1
+    assert odd.to_dict()["reason"] == "overloaded" and json.loads(json.dumps(odd.to_dict()))["reason"] == "overloaded"
+    mk = lambda flagged, corrected, fb, problem=None, reason=None: Moderation(  # noqa: E731
+        0.5, flagged, "a", "a", corrected, None, None, fb, problem, {}, reason)
+    m = PipelineMetrics(export=False)
     m.outcomes("moderate", [mk(False, False, None), mk(True, True, None),
-                            mk(True, False, "fail_open", "aligner timed out after 1 s")], "fail_open")
+                            mk(True, False, "fail_open", "aligner timed out after 1 s", Reason.TIMEOUT)],
+               "fail_open")
     m.request("moderate", 200, 12.0)
     assert m.totals["pairs"] == 3 and m.totals["flagged"] == 2 and m.totals["corrected"] == 1
     assert m.totals[("fallbacks", ("endpoint", "moderate"), ("policy", "fail_open"), ("reason", "timeout"))] == 1
@@ -298,8 +310,9 @@ def _flow(inspector_service, aligner_service, threshold, fail_score=False, fail_
 
     async def correct(q, a):
         if fail_aligner:
-            from aligner.model import CorrectionResult
-            return [CorrectionResult("", False, "aligner error: RayActorError: the actor died") for _ in q]
+            from aligner.results import CorrectionResult, Reason
+            return [CorrectionResult.failed(Reason.ALIGNER_ERROR, "aligner error: RayActorError: the actor died")
+                    for _ in q]
         return aligner_service.correct_pairs(list(zip(q, a)))
 
     async def thr():

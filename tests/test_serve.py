@@ -249,6 +249,12 @@ def test_malformed_requests_get_clear_4xx(served, content, status, words):
 
 
 def test_server_still_healthy_after_bad_requests(served):
+    """Bad requests of its own (not the earlier tests'): each answered, none takes the server down."""
+    c, url = served["client"], served["main"] + "/v1/moderate"
+    bad = [c.post(url, content=b"{not json"), c.post(url, content=b"[1, NaN]"), c.post(url, json={"query": 3}),
+           c.post(url, content=b"[" * 5000 + b"]" * 5000), c.post(url, json=[{"query": "q"}, "x"])]
+    assert [r.status_code for r in bad][:4] == [400, 400, 422, 400] and bad[4].status_code == 200
+    assert all("error" in item for item in bad[4].json()["results"])
     assert served["client"].get(served["main"] + "/healthz").status_code == 200
     m = served["client"].post(served["main"] + "/v1/moderate", json=_pair(served["pass_pair"])).json()
     assert m["flagged"] is False
@@ -370,6 +376,14 @@ def _metric_total(text: str, name: str, **tags) -> float:
 def test_prometheus_metrics_move(served, ray_cluster):
     """Ray exports the ingress's counters for Prometheus on the node's metrics port."""
     port = ray_cluster.nodes()[0]["MetricsExportPort"]
+    # its own traffic, so the test holds when run alone: a flagged and a bad pair, a malformed body,
+    # a chat request, and an always-align request whose aligner times out (strict app)
+    c = served["client"]
+    assert c.post(served["main"] + "/v1/moderate", json=_pair(served["flag_pair"])).status_code == 200
+    assert c.post(served["main"] + "/v1/moderate", json={"query": 3}).status_code == 422
+    assert c.post(served["main"] + "/v1/moderate", content=b"{not json").status_code == 400
+    assert _chat(served, served["pass_pair"][0]).status_code == 200
+    assert c.post(served["strict"] + "/v1/moderate", json=_pair(LOW)).status_code == 200
     deadline, text = time.monotonic() + 45, ""
     wanted = [("ray_moderation_requests_total", {"application": "main", "endpoint": "moderate", "status": "200"}),
               ("ray_moderation_requests_total", {"application": "main", "status": "422"}),

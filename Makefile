@@ -31,7 +31,7 @@ test-fast: setup
 inspector: setup
 	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 2 --members 1 --augment 0.2 --threshold-rule balanced --target-fpr 0.05 --seed 0
 
-# Leave-one-source-out study of the data / threshold recipes (frozen features; ~10 min the first time, then ~3 min).
+# Leave-one-source-out study of the data / threshold recipes (frozen features; ~10 min to embed the first time, then ~6 min).
 loso: setup
 	$(PY) -m inspector.study --shared-data $(DATA) --out experiments/loso
 

@@ -58,7 +58,7 @@ def main() -> None:
 
     from inspector import Inspector
     from pipeline.batch import run_batch
-    from pipeline.routing import ModerationPipeline
+    from pipeline.core import ModerationPipeline
 
     queries, answers = load_pairs(args.data, args.pairs)
     insp = Inspector.load(args.inspector)

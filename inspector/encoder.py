@@ -215,7 +215,7 @@ class PairEncoder:
 
     # -- tokenisation -------------------------------------------------------------------------
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-        # zero-width characters and look-alike letters are undone first (``evasion.normalize_text``)
+        # zero-width characters and look-alike letters are undone first (``text.normalize_text``)
         return self.tokenizer([normalize_text(t) for t in texts], add_special_tokens=False, truncation=False,
                               verbose=False)["input_ids"]
 

@@ -7,7 +7,7 @@ An attacker controls the answer's length and text. Three cheap tricks against an
 - **look-alike characters**: zero-width characters inside words and Cyrillic / Greek letters that
   look Latin, so the tokenizer sees other word pieces.
 
-Defences: ``normalize_text`` undoes the character tricks before tokenising (every score, training
+Defences: ``text.normalize_text`` undoes the character tricks before tokenising (every score, training
 and serving); training adds diluted and injected copies of training pairs (``augment_pairs``, with
 other filler and verdict wording than the suite's) so the adapter learns that filler does not cancel
 harm; windows are short enough that filler cannot outweigh a harmful sentence by much
@@ -20,8 +20,6 @@ import re
 from typing import Sequence
 
 import numpy as np
-
-from .text import normalize_text  # noqa: F401  (re-exported: the defence beside the attacks)
 
 # -- attacks ------------------------------------------------------------------------------------
 # the suite's wording; training uses TRAIN_VERDICTS (other words), so the suite measures transfer
@@ -127,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     harmful test pairs (never trained on), filler from its aligned test answers."""
     import argparse
     import json
-    import sys
     from pathlib import Path
 
     from .evaluate import held_out_test_rows

@@ -32,12 +32,11 @@ def threshold_for_rule(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, r
     if len(s) == 0:
         return 0.5
     if rule == "pooled":
-        w = np.full(len(s), 1.0 / len(s))
-    elif rule == "balanced":
-        names, inv, counts = np.unique(src, return_inverse=True, return_counts=True)
-        w = 1.0 / (counts[inv] * len(names))
-    else:
+        return threshold_for_fpr(y, scores, target)
+    if rule != "balanced":
         raise ValueError(f"threshold rule must be 'pooled' or 'balanced', got {rule!r}")
+    names, inv, counts = np.unique(src, return_inverse=True, return_counts=True)
+    w = 1.0 / (counts[inv] * len(names))  # every source's aligned pairs weigh 1 / (number of sources)
     order = np.argsort(-s, kind="stable")
     s, w = s[order], w[order]
     routed = np.cumsum(w)  # share routed when the threshold sits at s[i] (ties: counted together below)

@@ -104,20 +104,23 @@ class FrozenStudy:
     def __init__(self, df: pd.DataFrame, emb: np.ndarray, owner: np.ndarray, seed: int = 0):
         self.df = df.reset_index(drop=True)
         self.seed = seed
+        self._capped: dict[int, np.ndarray] = {}
         self.emb, self.owner = emb.astype(np.float32), owner
         self.first = np.searchsorted(owner, np.arange(len(df)))
         self.y = self.df["label"].to_numpy().astype(int)
         self.src = self.df["source"].astype(str).to_numpy()
         self.grp = np.array([group_of(s) for s in self.src])
-        train, cal, test = stratified_split(self.df, SPLIT_FRACTIONS, seed)
+        _, cal, _ = stratified_split(self.df, SPLIT_FRACTIONS, seed)
         # the study trains on train + test parts (the test part belongs to the random-split figures)
         self.part = np.zeros(len(df), dtype=np.int8)
         self.part[cal] = 1
 
     def capped(self, cap: int) -> np.ndarray:
-        """Row numbers kept by ``cap_per_source`` (the build's own subsampling)."""
-        kept = cap_per_source(self.df.assign(_row=np.arange(len(self.df))), cap, self.seed)
-        return kept["_row"].to_numpy()
+        """Rows kept by ``cap_per_source`` (the build's own subsampling), as a mask; once per cap."""
+        if cap not in self._capped:
+            kept = cap_per_source(self.df.assign(_row=np.arange(len(self.df))), cap, self.seed)
+            self._capped[cap] = np.isin(np.arange(len(self.df)), kept["_row"].to_numpy())
+        return self._capped[cap]
 
     def decisions(self, coef: np.ndarray, intercept: float, rows: np.ndarray) -> np.ndarray:
         """Head decision per pair: the maximum over its windows (as ``Inspector.score``)."""
@@ -133,7 +136,7 @@ class FrozenStudy:
 
         use = ~np.isin(self.src, list(recipe.exclude))
         if recipe.cap:
-            use &= np.isin(np.arange(len(self.df)), self.capped(recipe.cap))
+            use &= self.capped(recipe.cap)
         if leave_out is not None:
             use &= self.grp != leave_out
         train = np.flatnonzero(use & (self.part == 0))

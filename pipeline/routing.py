@@ -11,14 +11,11 @@ answer, flagged; fail_closed: the refusal text), with ``reason`` ``Reason.STILL_
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from aligner.results import CorrectionResult, Reason
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .core import ModerationPipeline  # noqa: F401
 
 FALLBACK_POLICIES = ("fail_open", "fail_closed")
 
@@ -179,12 +176,3 @@ def finish(queries: Sequence[str], answers: Sequence[str], scores: Sequence[floa
             corrected_score=corrected_scores.get(i), fallback=r.fallback_used, problem=r.problem,
             timings_ms=dict(timings_ms or {}), reason=r.reason))
     return out
-
-
-def __getattr__(name: str):
-    """``ModerationPipeline`` (the in-process pipeline) lives in ``pipeline.core``, over the one core."""
-    if name == "ModerationPipeline":
-        from .core import ModerationPipeline
-
-        return ModerationPipeline
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,8 @@ from conftest import EXAMPLES, REPO_ROOT
 from inspector import Inspector
 from pipeline.batch import extract_pair, run_batch
 from pipeline.io import InputError
-from pipeline.routing import ModerationPipeline, PipelineConfig, route
+from pipeline.core import ModerationPipeline
+from pipeline.routing import PipelineConfig, route
 
 LOGS = EXAMPLES / "chat_logs.jsonl"
 ADDED = ["inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback", "error"]

@@ -28,7 +28,7 @@ def aligner_rows(inspector, tmp_path_factory):
     from aligner import Aligner
     from aligner.tiny import build_tiny_aligner
     from pipeline.batch import run_batch
-    from pipeline.routing import ModerationPipeline
+    from pipeline.core import ModerationPipeline
 
     d = tmp_path_factory.mktemp("aligner")
     model = Aligner.load(build_tiny_aligner(d / "tiny", "causal", max_new_tokens=8), device="cpu")

@@ -13,7 +13,8 @@ from aligner.tiny import build_tiny_aligner
 from conftest import EXAMPLES, REPO_ROOT
 from inspector import Inspector
 from pipeline.batch import run_batch
-from pipeline.routing import ModerationPipeline, PipelineConfig
+from pipeline.core import ModerationPipeline
+from pipeline.routing import PipelineConfig
 
 
 class CountingAligner:

@@ -116,7 +116,8 @@ def local_pipeline(tiny_aligner):
     """The in-process pipeline over the same models (what ``pipeline.batch`` runs)."""
     from aligner import Aligner
     from inspector import Inspector
-    from pipeline.routing import ModerationPipeline, PipelineConfig
+    from pipeline.core import ModerationPipeline
+    from pipeline.routing import PipelineConfig
 
     return ModerationPipeline(Inspector.load(), Aligner.load(tiny_aligner, device="cpu"),
                               PipelineConfig(fallback="fail_open", max_new_tokens=ALIGNER_TOKENS))

@@ -323,7 +323,8 @@ def _flow(inspector_service, aligner_service, threshold, fail_score=False, fail_
 
 
 def test_flow_matches_the_in_process_pipeline(inspector_service, aligner_service):
-    from pipeline.routing import ModerationPipeline, PipelineConfig
+    from pipeline.core import ModerationPipeline
+    from pipeline.routing import PipelineConfig
 
     scores = inspector_service.inspector.score([HARM[0], SAFE[0]], [HARM[1], SAFE[1]])
     t = float(scores.mean())  # one pair on each side
@@ -365,7 +366,8 @@ def test_flow_failure_policies(inspector_service, aligner_service):
 def test_flow_correction_still_flagged_gets_the_fallback(inspector_service, aligner_service, policy, shown):
     """Re-inspection counts: at threshold 0 every correction is still flagged, so none is shown;
     the policy applies with the reason, and the batch job's ModerationPipeline agrees."""
-    from pipeline.routing import STILL_FLAGGED, ModerationPipeline, PipelineConfig
+    from pipeline.core import ModerationPipeline
+    from pipeline.routing import STILL_FLAGGED, PipelineConfig
 
     q, a = [HARM[0], SAFE[0]], [HARM[1], SAFE[1]]
     assert all(r.ok and r.text.strip() for r in aligner_service.correct_pairs(list(zip(q, a))))  # usable text

@@ -12,8 +12,9 @@ from conftest import EXAMPLES
 from inspector import Inspector
 from inspector.data import cap_per_source, read_table
 from inspector.evasion import (SUITE_VERDICTS, TRAIN_VERDICTS, augment_pairs, evasion_suite, lookalikes,
-                               normalize_text, sentences, variants, zero_width)
+                               sentences, variants, zero_width)
 from inspector.metrics import threshold_for_fpr, threshold_for_rule
+from inspector.text import normalize_text
 from inspector.study import (RECIPES, FrozenStudy, StudyRecipe, markdown, paired_difference, plot, run_study,
                              source_weights, summarise)
 

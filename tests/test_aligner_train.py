@@ -3,6 +3,7 @@ checkpoints and --resume, LoRA, seq2seq, and the evaluation report."""
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -104,12 +105,15 @@ def test_resume_continues_exactly_where_it_stopped(bases, data, tmp_path):
     main(_args(bases["causal"], data, resumed, *common, "--max-minutes", "1e-9"))  # stops after step 1
     first = json.loads((resumed / "aligner_config.json").read_text())["training"]
     assert first["stopped_early"] and first["steps_done"] == 1
-    assert (resumed / "checkpoints" / "step-1" / "optimizer.pt").exists()
+    assert (resumed / "checkpoints" / "checkpoint-1" / "optimizer.pt").exists()  # a Trainer checkpoint
+    assert json.loads((resumed / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
     main(["--out", str(resumed), "--resume"])  # the saved time cap holds again: one more step
     assert json.loads((resumed / "aligner_config.json").read_text())["training"]["steps_done"] == 2
     main(["--out", str(resumed), "--resume", "--max-minutes", "0"])  # given again wins; 0: no cap
     assert json.loads((resumed / "aligner_config.json").read_text())["training"]["steps_done"] == 4
     assert [r["step"] for r in _log(resumed) if "phase" in r] == [1, 2, 3, 4]
+    # the same batches in the same order, optimizer / scheduler / RNG state restored: the same losses
+    assert [r["loss"] for r in _log(resumed) if "phase" in r] == [r["loss"] for r in _log(straight) if "phase" in r]
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(SystemExit, match="differ from the saved run"):
@@ -125,6 +129,13 @@ def test_lora_training_saves_a_merged_plain_model(bases, data, tmp_path):
     changed = [k for k in base_w if not torch.allclose(base_w[k], new_w[k])]
     assert changed and all("attn" in k or "mlp" in k for k in changed)  # only the adapted linears moved
     assert type(Aligner.load(out, device="cpu").model).__name__ == "GPT2LMHeadModel"
+    resumed = tmp_path / "lora-resumed"  # the checkpoint holds the adapter; --resume loads it into a fresh one
+    main(_args(bases["causal"], data, resumed, "--max-steps", "2", "--lora", "--lora-r", "4", "--lr", "1e-2",
+               "--max-minutes", "1e-9"))
+    assert (resumed / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors").exists()
+    main(["--out", str(resumed), "--resume", "--max-minutes", "0"])
+    again = load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(new_w[k], again[k], atol=1e-6) for k in new_w)
 
 
 def test_seq2seq_training_and_grad_accumulation(bases, data, tmp_path):
@@ -133,6 +144,9 @@ def test_seq2seq_training_and_grad_accumulation(bases, data, tmp_path):
                "--freeze-encoder"))
     al = Aligner.load(out, device="cpu")
     assert al.is_encoder_decoder
+    # a step's loss is the mean over its micro-batches (an untrained model: about ln(vocabulary)), not their sum
+    vocab = al.model.config.decoder.vocab_size
+    assert all(abs(r["loss"] - math.log(vocab)) < 0.5 for r in _log(out) if "phase" in r)
     before, after = load_file(bases["seq2seq"] / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
@@ -176,10 +190,11 @@ def test_evaluate_report_with_the_real_inspector(bases, tmp_path):
 
 
 def test_named_recipe_sets_defaults_that_explicit_options_override(tmp_path):
-    from aligner.train import parse_args, save_run_args
+    from aligner.train import TrainConfig, parse_args, save_run_args
 
     args = parse_args(["--recipe", "cpu-small", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
                        "--max-steps", "7"])
+    assert isinstance(args, TrainConfig) and TrainConfig(out="o").lr == parse_args(["--out", "o"]).lr == 2e-5
     assert args.base == "minilm" and args.freeze_encoder and args.identity_warmup == 0.1
     assert args.max_steps == 7 and json.loads(args.generation) == {"no_repeat_ngram_size": 3}
     saved = json.loads(save_run_args(args).read_text())  # train() writes it once the run can start
@@ -248,5 +263,102 @@ def test_generation_values_are_checked_before_training(bases, data, tmp_path):
     (out / "train_args.json").write_text('{"earlier": "run"}')  # an earlier run's, kept for its --resume
     with pytest.raises(ValueError, match="num_beams"):
         main(_args(bases["causal"], data, out, "--max-steps", "2", "--generation", '{"num_beams": 0}'))
+    with pytest.raises(SystemExit, match="needs an encoder-decoder"):
+        main(_args(bases["causal"], data, out, "--max-steps", "2", "--freeze-encoder"))
+    with pytest.raises(SystemExit, match="--resume: no checkpoint found"):
+        main(["--out", str(out), "--resume"])
     assert not any((out / name).exists() for name in ("train_log.jsonl", "model.safetensors", "split.json"))
     assert json.loads((out / "train_args.json").read_text()) == {"earlier": "run"}
+    with pytest.raises(SystemExit, match="no checkpoint found"):
+        main(["--out", str(tmp_path / "never"), "--resume"])
+    assert not (tmp_path / "never").exists()
+
+
+def test_identity_warmup_batches_come_first(bases, data, tmp_path, monkeypatch):
+    """The batches Trainer trains on (not only the log's phase names): copies first, then corrections."""
+    import aligner.train as train_mod
+
+    targets = []
+
+    def spy(examples, pad_id, is_encoder_decoder):
+        targets.append([[t for t in e["labels"] if t != -100] for e in examples])
+        return collate(examples, pad_id, is_encoder_decoder)
+
+    collate = train_mod.collate
+    monkeypatch.setattr(train_mod, "collate", spy)
+    out = tmp_path / "order"
+    main(_args(bases["seq2seq"], data, out, "--max-steps", "4", "--grad-accum", "2", "--identity-warmup", "0.5",
+               "--eval-share", "0"))  # nothing held out: every collated batch is a training batch
+    tok = Aligner.load(out, device="cpu").tokenizer
+    texts = [[tok.decode(t, skip_special_tokens=True) for t in batch] for batch in targets]
+    assert len(texts) == 8 and all(len(b) == 2 for b in texts)  # 4 steps x 2 micro-batches of 2
+    warmup, corrections = sum(texts[:4], []), sum(texts[4:], [])
+    # warm-up: every row's answer is its own target, the risky ones too; then the corrections (a
+    # good answer's correction is itself), so a risky answer is never a target again
+    assert REFUSAL not in warmup and any(t.startswith("sure, here is how") for t in warmup)
+    assert REFUSAL in corrections and not any(t.startswith("sure, here is how") for t in corrections)
+    assert [r for r in _log(out) if r.get("event") == "eval"] == [{"step": 4, "event": "eval"}]
+
+
+def test_killed_run_resumes_from_its_newest_checkpoint(bases, data, tmp_path):
+    """Checkpoints every step, the newest two kept; a run killed mid-way goes on from the last one."""
+    from transformers import TrainerCallback
+
+    from aligner.train import parse_args, train
+
+    common = ("--max-steps", "4", "--identity-warmup", "0.25", "--lr", "1e-3")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    main(_args(bases["causal"], data, straight, *common))
+    assert not (straight / "checkpoints").exists()  # a finished run keeps only the model
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterCheckpoint3(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Killed
+
+    with pytest.raises(Killed):
+        train(parse_args(_args(bases["causal"], data, killed, *common, "--save-every", "1", "--keep-checkpoints", "2")),
+              callbacks=[KillAfterCheckpoint3()])
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert not (killed / "model.safetensors").exists()
+    main(["--out", str(killed), "--resume"])
+    assert [r["step"] for r in _log(killed) if "phase" in r] == [1, 2, 3, 4]
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not (killed / "checkpoints").exists()
+
+
+def test_evaluation_cadence_and_loss_per_token(bases, tmp_path):
+    """Held out every --eval-every steps and once at the end (not twice); the loss is per target
+    token over the whole held-out set, as before Trainer (whose own is a mean of batch means)."""
+    from aligner.data import split_by_query
+    from aligner.train import encode_example, gather_rows, parse_args
+
+    words = "no thanks sorry that is not something i can help with today my friend".split()
+    f = tmp_path / "varied.jsonl"  # corrections of different lengths: batch means differ from the mean per token
+    pd.DataFrame({"query": [f"question {i}?" for i in range(12)], "answer": [f"answer {i}." for i in range(12)],
+                  "correction": [" ".join(words[:i + 1]) + "." for i in range(12)]}).to_json(
+        f, orient="records", lines=True)
+    out = tmp_path / "ev"
+    argv = ["--data", str(f), "--base", str(bases["causal"]), "--out", str(out), "--batch-size", "2",
+            "--max-input-tokens", "48", "--max-target-tokens", "16", "--eval-share", "0.5", "--eval-rows", "6",
+            "--save-every", "0", "--max-steps", "5", "--eval-every", "2"]
+    main(argv)
+    evals = [r for r in _log(out) if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    assert json.loads((out / "aligner_config.json").read_text())["training"]["eval_loss_correction"] == \
+        evals[-1]["eval_loss_correction"]
+    al = Aligner.load(out, device="cpu")
+    _, held = split_by_query(gather_rows(parse_args(argv))[0], 0.5, seed=0)
+    assert len({len(r.correction) for r in held}) == len(held) == 6
+    total = count = 0.0
+    for r in held:
+        ex = encode_example(al.tokenizer, al.template, r.query, r.answer, r.correction, False, 48, 16)
+        n = sum(t != -100 for t in ex["labels"][1:])
+        with torch.no_grad():
+            loss = al.model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
+        total, count = total + loss.item() * n, count + n
+    assert evals[-1]["eval_loss_correction"] == pytest.approx(total / count, abs=2e-4)

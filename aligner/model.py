@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -158,11 +159,16 @@ def _read_aligner_config(id_or_path: str) -> dict:
     return cfg
 
 
-def _max_positions(config) -> int | None:
-    cfg = config.encoder if getattr(config, "model_type", "") == "encoder-decoder" else config
+def max_positions(config) -> int | None:
+    """How many positions the model reads (None: no fixed limit, e.g. T5's relative positions);
+    a bert2bert's encoder's, a multimodal model's text model's."""
+    if getattr(config, "model_type", "") == "encoder-decoder":
+        cfg = config.encoder
+    else:
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         val = getattr(cfg, name, None)
-        if isinstance(val, int) and val > 0:
+        if isinstance(val, int) and 0 < val < 10_000_000:
             return val
     return None
 
@@ -215,6 +221,122 @@ GENERATION_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "S
                     "EncoderDecoderModel")
 
 
+# ----------------------------------------------------------------------------- loading and generating
+# shared by the Aligner and synth's local-model backend (``synth.backends.HFBackend``)
+class NoGenerationHead(ValueError):
+    """The checkpoint is an encoder (or another model) that cannot generate text."""
+
+
+def load_checkpoint(id_or_path: str | os.PathLike, device: str | torch.device = "auto", dtype="auto",
+                    what: str = "a model"):
+    """``(model, tokenizer)`` of a causal LM or an encoder-decoder (told apart by the checkpoint's
+    config), the model in eval mode on ``device``. OSError: the config cannot be read;
+    NoGenerationHead: the checkpoint cannot generate (an encoder such as MiniLM). ``what`` names
+    the model in those messages."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    name = str(id_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot load {what} from {name!r}: {exc}") from exc
+    archs = list(getattr(config, "architectures", None) or [])
+    if not config.is_encoder_decoder and archs and not any(a.endswith(GENERATION_HEADS) for a in archs):
+        raise NoGenerationHead(f"{name!r} is a {archs[0]} without a text-generation head; {what} must be a "
+                               f"causal LM or an encoder-decoder")
+    dev = resolve_device(device)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(name, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+    return model, AutoTokenizer.from_pretrained(name)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one padded batch (ids, attention mask). Causal models need ``left``
+    padding, so every row continues right after its own prompt; an encoder sees the whole input,
+    so right padding is fine."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[r, cols] = torch.tensor(s, dtype=torch.long)
+        mask[r, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or another backend's (MPS, cuBLAS) out-of-memory RuntimeError."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class Generated:
+    """One prompt's output from :func:`generate_batched`."""
+
+    tokens: list[int] = field(default_factory=list)  # new tokens before the first EOS
+    finished: bool = False  # an EOS ended it (else max_new_tokens, or the deadline, did)
+    timed_out: bool = False  # the deadline had passed when its batch ended (or began: then ``error`` is set)
+    error: str | None = None  # why there is no output: "out of GPU memory", "ValueError: ...", "not started"
+
+
+def generate_batched(model, seqs: list[list[int]], gen: dict, *, pad_id: int,
+                     batch_size: int = DEFAULT_BATCH_SIZE, deadline: float | None = None,
+                     progress: str | None = None) -> list[Generated]:
+    """``model.generate`` over prompts given as token ids, one :class:`Generated` per prompt in
+    input order. Prompts run in batches of similar length, longest first (least padding; an
+    out-of-memory shows up in the first batch). A batch that runs out of GPU memory is halved and
+    retried (a single prompt that does not fit fails alone); any other error fails its batch only.
+    ``gen``: generate() arguments; its ``eos_token_id`` (an id or a list) also ends ``tokens``.
+    ``deadline`` (``time.monotonic()``): each batch gets what is left as ``max_time``; batches not
+    started by then fail with ``timed_out``. ``progress``: a tqdm bar with that label."""
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    device = next(model.parameters()).device
+    eos = gen.get("eos_token_id")
+    eos_set = {eos} if isinstance(eos, int) else set(eos or [])
+
+    def run(idx: list[int]) -> list[Generated]:
+        kw = dict(gen)
+        if deadline is not None:
+            kw["max_time"] = max(deadline - time.monotonic(), 0.01)
+        try:
+            ids, mask = pad_batch([seqs[i] for i in idx], pad_id, left=not enc_dec, device=device)
+            with torch.inference_mode():  # ids + mask only: T5 & co. reject token_type_ids
+                out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        except Exception as exc:  # noqa: BLE001 - one failing batch must not fail the call
+            if not is_out_of_memory(exc):
+                return [Generated(error=f"{type(exc).__name__}: {exc}") for _ in idx]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(idx) == 1:
+                return [Generated(error="out of GPU memory")]
+            half = len(idx) // 2
+            return run(idx[:half]) + run(idx[half:])
+        timed_out = deadline is not None and time.monotonic() >= deadline
+        new = out[:, 1:] if enc_dec else out[:, ids.shape[1]:]  # after the decoder start / the prompt
+        results = []
+        for row in new.tolist():
+            stop = next((k for k, tok in enumerate(row) if tok in eos_set), None)
+            results.append(Generated(row if stop is None else row[:stop], stop is not None, timed_out))
+        return results
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=progress, unit="batch")
+    results: list[Generated | None] = [None] * len(seqs)
+    for idx in batches:
+        if deadline is not None and time.monotonic() >= deadline:
+            outs = [Generated(timed_out=True, error="not started") for _ in idx]
+        else:
+            outs = run(idx)
+        for i, g in zip(idx, outs):
+            results[i] = g
+    return results  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------- the model
 class Aligner:
     """A correction model plus its tokenizer, prompt template and limits."""
@@ -231,7 +353,7 @@ class Aligner:
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1 (or None for the default), got {value!r}")
         self.max_new_tokens = int(DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
-        limit = _max_positions(model.config)
+        limit = max_positions(model.config)
         wanted = int(DEFAULT_MAX_INPUT_TOKENS if max_input_tokens is None else max_input_tokens)
         if limit is not None:
             # a causal model's positions hold prompt and correction together
@@ -270,26 +392,13 @@ class Aligner:
              max_new_tokens: int | None = None, generation: dict | None = None) -> "Aligner":
         """Load a causal LM or an encoder-decoder (told apart by the checkpoint's config).
         Arguments left as None take the values saved in ``aligner_config.json``, then defaults."""
-        from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
-                                  AutoTokenizer)
-
         name = str(id_or_path)
         try:
-            config = AutoConfig.from_pretrained(name)
-        except (OSError, ValueError) as exc:
-            raise OSError(f"cannot load an aligner from {name!r}: {exc}") from exc
-        archs = list(getattr(config, "architectures", None) or [])
-        if not config.is_encoder_decoder and archs and not any(a.endswith(GENERATION_HEADS) for a in archs):
-            raise ValueError(
-                f"{name!r} is a {archs[0]} without a text-generation head; an aligner must be a causal "
-                f"LM or an encoder-decoder. To warm-start one from it, run "
-                f"`python -m aligner.train --base {name} ...`")
+            model, tokenizer = load_checkpoint(name, device, dtype, what="an aligner")
+        except NoGenerationHead as exc:
+            raise NoGenerationHead(f"{exc}. To warm-start one from it, run "
+                                   f"`python -m aligner.train --base {name} ...`") from None
         saved = _read_aligner_config(name)
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(name, dtype=torch_dtype).to(dev)
-        tokenizer = AutoTokenizer.from_pretrained(name)
         gen = dict(saved.get("generation", {}))
         gen.update(generation or {})
         if max_input_tokens is None:
@@ -363,27 +472,18 @@ class Aligner:
                 continue
             encoded[i] = ids
             notes[i] = ["input shortened"] if shortened else []
-        order = sorted(encoded, key=lambda i: len(encoded[i]), reverse=True)
-        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         check_generation_keys(generation)  # a typo is the caller's error, not every item's
-        gen_kwargs = self._generation_kwargs(generation)
-        iterator = batches
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(batches, desc="aligner", unit="batch")
-        for batch in iterator:
-            if deadline is not None and time.monotonic() >= deadline:
-                for i in batch:
-                    results[i] = CorrectionResult.failed(Reason.TIMEOUT, f"timed out after {timeout_s} s (not started)",
-                                                         notes=notes[i])
-                continue
-            for i, res in zip(batch, self._run_batch([encoded[i] for i in batch], gen_kwargs, deadline)):
-                res.notes = notes[i] + res.notes
-                if res.problem is None and res.notes:
-                    res.problem = "; ".join(res.notes)
-                results[i] = res
+        todo = list(encoded)
+        outputs = generate_batched(self.model, [encoded[i] for i in todo], self._generation_kwargs(generation),
+                                   pad_id=self.tokenizer.pad_token_id, batch_size=batch_size, deadline=deadline,
+                                   progress="aligner" if show_progress else None)
+        for i, out in zip(todo, outputs):
+            res = self._result(out, timeout_s)
+            res.notes = notes[i] + res.notes
+            if res.problem is None and res.notes:
+                res.problem = "; ".join(res.notes)
+            results[i] = res
         return results  # type: ignore[return-value]
 
     def _generation_kwargs(self, generation: dict) -> dict:
@@ -400,61 +500,26 @@ class Aligner:
         return gen
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            if self.is_encoder_decoder:  # encoder sees the whole input: right padding is fine
-                ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
-            else:  # causal: left padding so every row continues right after its own prompt
-                ids[r, width - len(s):] = torch.tensor(s)
-                mask[r, width - len(s):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return pad_batch(seqs, self.tokenizer.pad_token_id, left=not self.is_encoder_decoder, device=self.device)
 
-    def _run_batch(self, seqs: list[list[int]], gen: dict, deadline: float | None) -> list[CorrectionResult]:
-        gen = dict(gen)
-        if deadline is not None:
-            gen["max_time"] = max(deadline - time.monotonic(), 0.01)
-        try:
-            ids, mask = self._pad(seqs)
-            with torch.inference_mode():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **gen)
-        except torch.cuda.OutOfMemoryError:
-            if len(seqs) == 1:
-                return [CorrectionResult.failed(Reason.ALIGNER_ERROR, "generation error: out of GPU memory")]
-            torch.cuda.empty_cache()
-            half = len(seqs) // 2
-            return self._run_batch(seqs[:half], gen, deadline) + self._run_batch(seqs[half:], gen, deadline)
-        except Exception as exc:  # noqa: BLE001 - one failing batch must not fail the call
-            msg = f"generation error: {type(exc).__name__}: {exc}"
-            return [CorrectionResult.failed(Reason.ALIGNER_ERROR, msg[:500]) for _ in seqs]
-        timed_out = deadline is not None and time.monotonic() >= deadline
-        new = out[:, ids.shape[1]:] if not self.is_encoder_decoder else out[:, 1:]
-        eos = gen.get("eos_token_id")
-        eos_set = {eos} if isinstance(eos, int) else set(eos or [])
-        results = []
-        for row in new.tolist():
-            toks, finished = [], False
-            for t in row:
-                if t in eos_set:
-                    finished = True
-                    break
-                toks.append(t)
-            text = self._clean(self.tokenizer.decode(toks, skip_special_tokens=True))
-            res_notes = []
-            if timed_out and not finished:
-                # the deadline cut it short: that, not what the half-written text looks like, is why
-                problem, reason = f"timed out after generating {len(toks)} tokens", Reason.TIMEOUT
-            else:
-                problem = detect_degenerate(text, toks)
-                reason = degenerate_reason(problem)
-                if problem is None and not finished:
-                    res_notes.append("stopped at max_new_tokens")
-            results.append(CorrectionResult(text, problem is None, problem, len(toks) + int(finished),
-                                            res_notes, reason))
-        return results
+    def _result(self, out: Generated, timeout_s: float | None) -> CorrectionResult:
+        """A correction from one prompt's generated tokens (or why there is none)."""
+        if out.error is not None:
+            if out.timed_out:
+                return CorrectionResult.failed(Reason.TIMEOUT, f"timed out after {timeout_s} s (not started)")
+            return CorrectionResult.failed(Reason.ALIGNER_ERROR, f"generation error: {out.error}"[:500])
+        toks = out.tokens
+        text = self._clean(self.tokenizer.decode(toks, skip_special_tokens=True))
+        notes = []
+        if out.timed_out and not out.finished:
+            # the deadline cut it short: that, not what the half-written text looks like, is why
+            problem, reason = f"timed out after generating {len(toks)} tokens", Reason.TIMEOUT
+        else:
+            problem = detect_degenerate(text, toks)
+            reason = degenerate_reason(problem)
+            if problem is None and not out.finished:
+                notes.append("stopped at max_new_tokens")
+        return CorrectionResult(text, problem is None, problem, len(toks) + int(out.finished), notes, reason)
 
     def _clean(self, text: str) -> str:
         """Undo WordPiece spacing an uncased BERT vocabulary leaves ("i ' m" -> "I'm") and

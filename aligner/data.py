@@ -1,5 +1,6 @@
-"""Training rows: load and validate query/answer/correction tables, build the default training set
-from the shared real data, and keep a held-out split by query so evaluation uses unseen rows."""
+"""Training rows: load and validate query/answer/correction tables (read by ``pipeline.tables``, the
+one reader), build the default training set from the shared real data, and keep a held-out split
+by query so evaluation uses unseen rows."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pandas as pd
+# read_table is the one reader (pipeline.tables); aligner.evaluate imports it from here too
+from pipeline.tables import check_text, parse_label, present, read_table, require_columns
 
 KINDS = ("correction", "identity")
 
@@ -31,37 +33,9 @@ def text_key(text: str) -> str:
     return hashlib.sha1(norm.encode("utf-8")).hexdigest()[:16]
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read JSONL / JSON / CSV / Parquet into a DataFrame (format from the file extension)."""
-    from inspector.data import read_table as read_plain_table
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
-    if not suffix.endswith(".gz") and suffix != ".json":  # the inspector's reader: errors name the file
-        return read_plain_table(path)                          # and line, CSV fields are counted
-    try:
-        if suffix == ".json":  # any pandas layout (records, columns, ...)
-            return pd.read_json(path, dtype=False)
-        if suffix == ".jsonl.gz":
-            return pd.read_json(path, lines=True, dtype=False)
-        if suffix == ".csv.gz":
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise ValueError(f"{path}: cannot read it ({exc})") from None
-    raise ValueError(f"{path}: unsupported format {suffix!r}; expected .jsonl, .json, .csv or .parquet "
-                     f"(.jsonl.gz, .csv.gz also)")
-
-
-def _check_text(path, i, col, value) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{path}: row {i + 1}: field {col!r} must be a non-empty string, got {value!r}")
-    return value
-
-
 def load_rows(path: str | Path, kind: str = "correction", strict: bool = False) -> list[Row]:
-    """Load training rows from one file.
+    """Load training rows from one file (read by ``pipeline.tables``: .jsonl, .json (a JSON array
+    of objects), .csv, .tsv, .parquet, the text formats also .gz; the rules the batch job uses).
 
     ``kind="correction"`` needs columns query, answer, correction. ``kind="identity"`` needs query
     and answer (the correction is the answer itself); where a ``label`` column exists only label-0
@@ -73,29 +47,30 @@ def load_rows(path: str | Path, kind: str = "correction", strict: bool = False) 
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     df = read_table(path)
     need = ["query", "answer"] + (["correction"] if kind == "correction" else [])
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(df.columns)} "
-                         f"(expected query, answer{', correction' if kind == 'correction' else ''})")
+    require_columns(df.columns, need, path, f"expected query, answer{', correction' if kind == 'correction' else ''}")
     source_col = "source" if "source" in df.columns else None
     rows: list[Row] = []
     skipped = 0
     invalid: list[tuple[int, str]] = []
     for i, rec in enumerate(df.to_dict("records")):
-        if kind == "identity" and "label" in rec:
-            if str(rec["label"]).strip() not in ("0", "0.0", "False", "false"):
+        rec = present(rec)
+        if kind == "identity" and "label" in df.columns:
+            try:
+                safe = parse_label(rec.get("label")) == 0
+            except ValueError:
+                safe = False
+            if not safe:
                 skipped += 1
                 continue
         try:
-            q = _check_text(path, i, "query", rec["query"])
-            a = _check_text(path, i, "answer", rec["answer"])
-            c = _check_text(path, i, "correction", rec["correction"]) if kind == "correction" else a
+            q, a = check_text(rec.get("query"), "query"), check_text(rec.get("answer"), "answer")
+            c = check_text(rec.get("correction"), "correction") if kind == "correction" else a
         except ValueError as exc:
             if strict:
-                raise
-            invalid.append((i + 1, str(exc).split(": field ")[-1]))
+                raise ValueError(f"{path}: row {i + 1}: {exc}") from None
+            invalid.append((i + 1, str(exc)))
             continue
-        src = str(rec[source_col]) if source_col and isinstance(rec[source_col], str) else Path(path).stem
+        src = str(rec[source_col]) if source_col and isinstance(rec.get(source_col), str) else Path(path).stem
         rows.append(Row(q, a, c, kind, src))
     if invalid:
         shown = "; ".join(f"row {n}: {why}" for n, why in invalid[:5])

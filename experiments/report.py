@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from inspector.metrics import binary_report, clean_json, report_by_source
+from pipeline.tables import extract_pair, is_missing, present, read_table
 
 from . import tuning
 
@@ -280,9 +281,6 @@ def _aligner_from_json(p: Path) -> tuple[list[str], dict]:
 
 
 def _aligner_from_rows(p: Path, threshold: float, out: Path, worst: int) -> tuple[list[str], dict]:
-    from inspector.data import read_table
-    from pipeline.batch import extract_pair
-
     df = read_table(p)
     df.index = pd.RangeIndex(1, len(df) + 1)  # the file's rows, for errors
     need = {"inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback"}
@@ -301,7 +299,7 @@ def _aligner_from_rows(p: Path, threshold: float, out: Path, worst: int) -> tupl
     pairs = []
     for n, r in zip(routed.index, routed.to_dict("records")):
         try:
-            pairs.append(extract_pair({k: v for k, v in r.items() if not tuning._is_missing(v)}))
+            pairs.append(extract_pair(present(r)))
         except ValueError as e:
             raise ValueError(f"{p}: row {n}: {e}") from None
     routed["query"], routed["answer"] = [q for q, _ in pairs], [a for _, a in pairs]
@@ -376,7 +374,7 @@ def _truths(p: Path, routed: pd.DataFrame) -> np.ndarray:
     """Each routed row's label as a word; a row without a label is "flagged (no label)", never aligned."""
     if "label" not in routed.columns:
         return np.full(len(routed), "flagged (no label)", dtype=object)
-    missing = routed["label"].map(tuning._is_missing) | (routed["label"].astype(str).str.strip() == "")
+    missing = routed["label"].map(is_missing) | (routed["label"].astype(str).str.strip() == "")
     labels = pd.to_numeric(routed["label"].where(~missing), errors="coerce")
     bad = ~missing & ~labels.isin([0, 1])
     if bad.any():

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from inspector.metrics import binary_report, clean_json, threshold_for_fpr
+from pipeline.tables import extract_pair, is_missing, parse_label, present, read_table, shown
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PAIRS = REPO_ROOT / "examples" / "labelled_pairs.jsonl"
@@ -37,9 +38,6 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
     Rows the batch job could not score (``error`` set) are left out and counted; ``max_rows``
     keeps a label-stratified random sample, so a large file tunes in seconds.
     """
-    from inspector.data import plain, read_table
-    from pipeline.batch import extract_pair
-
     path = Path(path)
     df = read_table(path)
     if max_rows is not None and (isinstance(max_rows, bool) or max_rows < 1):
@@ -52,12 +50,13 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
         bad = df["error"].notna() & (df["error"].astype(str) != "")
         notes["rows_with_errors_left_out"] = int(bad.sum())
         df = df[~bad]
-    labels = pd.to_numeric(df[label_col], errors="coerce")
-    if not labels.isin([0, 1]).all():
-        i = int(np.flatnonzero(~labels.isin([0, 1]).to_numpy())[0])
-        raise ValueError(f"{path}: row {df.index[i]}: {label_col!r} must be 0 or 1, "
-                         f"got {plain(df[label_col].iloc[i])!r}")
-    df = df.assign(label=labels.astype(int))
+    labels = []
+    for n, v in zip(df.index, df[label_col].tolist()):
+        try:
+            labels.append(parse_label(v))
+        except ValueError:
+            raise ValueError(f"{path}: row {n}: {label_col!r} must be 0 or 1, got {shown(v)}") from None
+    df = df.assign(label=np.asarray(labels, dtype=int))
     if max_rows and len(df) > max_rows:
         frac = max_rows / len(df)
         keep = [g.sample(n=max(1, round(len(g) * frac)), random_state=seed).index
@@ -67,13 +66,14 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
     pairs = []
     for n, row in zip(df.index, df.to_dict("records")):
         try:
-            pairs.append(extract_pair({k: v for k, v in row.items() if not _is_missing(v)}, query_col, answer_col))
+            pairs.append(extract_pair(present(row), query_col, answer_col))
         except ValueError as e:
             raise ValueError(f"{path}: row {n}: {e}") from None
     df = df.assign(query=[q for q, _ in pairs], answer=[a for _, a in pairs])
     if "source" not in df.columns:
         df = df.assign(source=path.stem)
-    df["source"] = df["source"].fillna(path.stem).astype(str)
+    blank = df["source"].map(lambda v: is_missing(v) or not str(v).strip())  # a CSV's empty cell too
+    df["source"] = df["source"].astype(object).where(~blank, path.stem).astype(str)
     if "inspector_score" in df.columns:
         # the file's scores are the model being tuned: one missing or impossible score is an error,
         # never a silent re-scoring of every row by another inspector
@@ -82,7 +82,7 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
         if bad.any():
             n = df.index[int(np.flatnonzero(bad.to_numpy())[0])]
             raise ValueError(f"{path}: row {n}: 'inspector_score' must be a probability in [0, 1], got "
-                             f"{plain(df.loc[n, 'inspector_score'])!r} ({int(bad.sum())} such row(s)); "
+                             f"{shown(df.loc[n, 'inspector_score'])} ({int(bad.sum())} such row(s)); "
                              f"rescore the file, or drop the column to score it here")
         df["inspector_score"] = scores.astype(float)
         notes["scores"] = "read from the file"
@@ -99,10 +99,6 @@ def load_scored(path: str | Path, inspector=None, max_rows: int | None = None, s
     return df[["query", "answer", "label", "source", "inspector_score"]].reset_index(drop=True), notes
 
 
-def _is_missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
 def _as_inspector(inspector):
     """An ``Inspector``, a zero-argument loader returning one, or a folder (None: the default)."""
     from inspector import Inspector
@@ -117,21 +113,23 @@ def _as_inspector(inspector):
 # ------------------------------------------------------------------------------------ curves
 def threshold_curve(y, scores) -> pd.DataFrame:
     """One row per distinct score used as threshold (route iff score >= threshold), from the
-    lowest (everything routed) up; plus a threshold above every score (nothing routed)."""
+    lowest (everything routed) up; plus a threshold above every score (nothing routed). The rates
+    are scikit-learn's ``roc_curve`` and ``precision_recall_curve`` at every threshold (no
+    intermediate point dropped); ``y`` needs both labels."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
     y = np.asarray(y).astype(int)
     s = np.asarray(scores, dtype=float)
-    cuts = np.unique(s)
-    cuts = np.append(cuts, np.nextafter(cuts[-1], np.inf))
-    pos, neg = max(int((y == 1).sum()), 1), max(int((y == 0).sum()), 1)
-    order = np.sort(s)
-    sp, sn = np.sort(s[y == 1]), np.sort(s[y == 0])
-    tp = len(sp) - np.searchsorted(sp, cuts, side="left")
-    fp = len(sn) - np.searchsorted(sn, cuts, side="left")
-    routed = len(order) - np.searchsorted(order, cuts, side="left")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(routed > 0, tp / np.maximum(routed, 1), 1.0)
-    return pd.DataFrame({"threshold": cuts, "recall": tp / pos, "benign_routed": fp / neg,
-                         "precision": precision, "routed": routed / max(len(s), 1)})
+    if set(np.unique(y)) != {0, 1}:
+        raise ValueError(f"a threshold curve needs both labels (1 = misaligned, 0 = aligned), got {sorted(set(y))}")
+    fpr, tpr, cuts = roc_curve(y, s, drop_intermediate=False)  # thresholds falling, from +inf
+    precision, _, _ = precision_recall_curve(y, s, drop_intermediate=False)  # rising, + "nothing routed"
+    fpr, tpr, cuts = fpr[::-1], tpr[::-1], cuts[::-1].copy()
+    cuts[-1] = np.nextafter(s.max(), np.inf)  # above every score: a finite threshold that routes nothing
+    pos, neg = int((y == 1).sum()), int((y == 0).sum())
+    routed = (np.rint(tpr * pos) + np.rint(fpr * neg)) / len(s)
+    return pd.DataFrame({"threshold": cuts, "recall": tpr, "benign_routed": fpr,
+                         "precision": precision, "routed": routed})
 
 
 def parse_target(target: str) -> tuple[str, float]:

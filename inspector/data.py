@@ -1,8 +1,10 @@
-"""Reading labelled (query, answer, label) tables and building the default training set."""
+"""Labelled (query, answer, label) tables and the default training set.
+
+Files are read by ``pipeline.tables`` (``read_table``: .jsonl, .json (a JSON array of objects),
+.csv, .tsv, .parquet, the text formats also .gz), with the formats and rules the batch job uses."""
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 import zlib
 from pathlib import Path
@@ -12,105 +14,32 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-FORMATS = (".jsonl", ".json", ".csv", ".parquet")
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a whole JSONL / CSV / Parquet file, chosen by extension (for training-sized data)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    suffix = {".ndjson": ".jsonl", ".pq": ".parquet"}.get(path.suffix.lower(), path.suffix.lower())
-    if suffix in (".jsonl", ".json"):
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array of objects
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-            for i, row in enumerate(rows):
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
-            return pd.DataFrame(rows)
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-        return pd.DataFrame(rows)
-    if suffix == ".csv":
-        _check_csv_fields(path)
-        try:
-            columns = pd.read_csv(path, nrows=0).columns
-            # text stays text ("4" is an answer, not a number); labels may be 0/1 or True/False
-            return pd.read_csv(path, keep_default_na=False, na_values=[""],
-                               dtype={c: str for c in columns if c != "label"})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: cannot read CSV ({e})") from None
-    if suffix == ".parquet":
-        try:
-            return pd.read_parquet(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read Parquet ({e})") from None
-    raise ValueError(f"{path}: unsupported format {suffix!r}; expected one of {', '.join(FORMATS)}")
-
-
-def _check_csv_fields(path: Path) -> None:
-    """Every record has the header's number of fields. pandas reads a row with one field too many
-    (an unquoted comma) by shifting every value one column to the left, silently."""
-    import csv
-
-    csv.field_size_limit(2**31 - 1)  # long answers are fine
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            for record in reader:
-                if record and header and len(record) != len(header):
-                    raise ValueError(f"{path}: line {reader.line_num}: {len(record)} fields, but the header has "
-                                     f"{len(header)} ({', '.join(header)}); quote fields that contain commas")
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read CSV ({e})") from None
-
-
-def plain(value):
-    """A cell as Python shows it in an error message: 7, not np.int64(7)."""
-    return value.item() if isinstance(value, np.generic) else value
+# read_table is the one reader (pipeline.tables); inspector.evaluate and experiments import it from here too
+from pipeline.tables import check_text, is_missing, parse_label, read_table, require_columns, shown
 
 
 def validate_pairs(df: pd.DataFrame, where: str, need_label: bool = True,
                    query_col: str = "query", answer_col: str = "answer") -> pd.DataFrame:
-    """Check columns and types; the error names the file, row (1 = the first data row, as in the batch
-    job's errors) and field at fault."""
+    """Check columns and values by the rules every reader shares (``pipeline.tables``); the error
+    names the file, row (1 = the first data row, as in the batch job's errors) and field at fault."""
     if len(df) == 0:
         raise ValueError(f"{where}: no rows")
-    need = [query_col, answer_col] + (["label"] if need_label else [])
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; found {list(df.columns)}")
+    require_columns(df.columns, [query_col, answer_col] + (["label"] if need_label else []), where)
     for col in (query_col, answer_col):
-        bad = ~df[col].map(lambda v: isinstance(v, str) and v.strip() != "")
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(f"{where}: row {i + 1}: field {col!r} must be a non-empty string, "
-                             f"got {plain(df[col].iloc[i])!r}")
+        for i, v in enumerate(df[col].tolist()):
+            try:
+                check_text(None if is_missing(v) else v, col)
+            except ValueError as e:
+                raise ValueError(f"{where}: row {i + 1}: {e}") from None
     if need_label:
-        labels = pd.to_numeric(df["label"], errors="coerce")
-        bad = ~labels.isin([0, 1])
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(f"{where}: row {i + 1}: field 'label' must be 0 (aligned) or 1 "
-                             f"(misaligned), got {plain(df['label'].iloc[i])!r}")
-        df = df.assign(label=labels.astype(int))
+        labels = []
+        for i, v in enumerate(df["label"].tolist()):
+            try:
+                labels.append(parse_label(v))
+            except ValueError:
+                raise ValueError(f"{where}: row {i + 1}: field 'label' must be 0 (aligned) or 1 "
+                                 f"(misaligned), got {shown(v)}") from None
+        df = df.assign(label=np.asarray(labels, dtype=int))
     return df
 
 

@@ -3,12 +3,12 @@
 The same job as the local engine, spread over a Ray cluster: read -> ``map_batches`` on an actor
 pool that loads the inspector once per actor -> ``map_batches`` on aligner actors (GPU actors
 where the cluster has GPUs) that correct the flagged rows -> one output file. Each batch is
-annotated by ``pipeline.batch.process_rows`` itself, so the output schema, the scores, the error
-texts and the summary are those of the local engine.
+annotated by ``pipeline.jobs.process_rows`` itself, so the output schema, the scores, the error
+texts and the summary (``Summary.add``, counted from the finished rows) are those of the local engine.
 
 Design choices, and why:
 
-* **Reading** reuses ``pipeline.io.read_chunks`` inside a Ray read task (one task per file), so a
+* **Reading** reuses ``pipeline.tables.read_chunks`` inside a Ray read task (one task per file), so a
   JSONL line that is not JSON becomes an error row here too (``ray.data.read_json`` would fail
   the whole job). A plain path is read on the driver's node (for ``ray://`` that is the head
   node, so the file must be there or on a filesystem every node mounts); a URI (``s3://``,
@@ -19,7 +19,9 @@ Design choices, and why:
 * **Order**: ``preserve_order`` is on, and the driver checks the row indices come back 0, 1, 2,
   ... before writing, so the output is in input order or the job fails loudly.
 * **Output** is one file written on the driver by ``pipeline.io.RowWriter`` (identical bytes to
-  the local engine's for the same scores); results stream back, so memory stays bounded.
+  the local engine's for the same scores); results stream back, so memory stays bounded. A
+  Parquet output's schema is settled on the driver before the job (``jobs.output_schema``: a
+  text input is read once more for it, a URI's through a local copy).
 * **Aligner stage**: only flagged rows are corrected; the other rows pass through the actor
   untouched. Flagged rows are re-run through ``process_rows`` with the full pipeline (the
   inspector re-scores them, deterministic, so the score is the same up to float noise); this
@@ -36,10 +38,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .batch import OUTPUT_COLUMNS, Summary, build_pipeline, output_columns, output_schema_hint, process_rows
 from .env import offline_by_default
-from .io import InputError, RowWriter, format_of, is_uri, read_chunks
+from .io import RowWriter
+from .jobs import OUTPUT_COLUMNS, Summary, build_pipeline, output_columns, output_schema, process_rows
 from .routing import PipelineConfig
+from .tables import InputError, format_of, is_uri, read_chunks
 
 ROW, PAYLOAD = "_row", "_payload"
 READ_CPUS = 0.5            # a read task parses text: leave the rest of a core to the actors
@@ -69,7 +72,7 @@ def _local_copy(uri: str) -> tuple[Path, Path]:
         with fs.open_input_stream(inner) as src, local.open("wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)
     except (OSError, ValueError) as e:
-        raise InputError(f"input {uri}: cannot read ({e})") from None
+        raise InputError(f"{uri}: cannot read ({e})") from None
     return local, tmpdir
 
 
@@ -152,7 +155,7 @@ class InspectStage:
         idx, rows = _unpack(batch)
         out: list[dict] = []
         for a, b in _runs(idx):
-            out += process_rows(rows[a:b], self.pipeline, *self.cols, Summary(rows=idx[a]))
+            out += process_rows(rows[a:b], self.pipeline, *self.cols, first_row=idx[a])
         return _pack(idx, out)
 
 
@@ -171,28 +174,12 @@ class AlignStage:
         todo = [i for i, r in enumerate(rows) if r.get("flagged") and r.get("error") is None]
         if todo:
             fresh = [{**rows[i], **{c: None for c in OUTPUT_COLUMNS}} for i in todo]
-            for i, r in zip(todo, process_rows(fresh, self.pipeline, *self.cols, Summary())):
+            for i, r in zip(todo, process_rows(fresh, self.pipeline, *self.cols)):
                 rows[i] = r
         return _pack(idx, rows)
 
 
 # ---------------------------------------------------------------------------------------- driver
-def tally(summary: Summary, rows: list[dict]) -> None:
-    """The counts ``process_rows`` keeps, read back from finished rows (actors keep their own)."""
-    for r in rows:
-        summary.rows += 1
-        if r.get("error") is not None:
-            summary.errors += 1
-            if len(summary.error_examples) < 5:
-                summary.error_examples.append(r["error"])
-            continue
-        summary.scored += 1
-        if r.get("flagged"):
-            summary.flagged += 1
-            summary.corrected += int(r.get("fallback") is None)
-        summary.fallbacks += int(r.get("fallback") is not None)
-
-
 def _check_inspector(inspector_dir) -> None:
     """Fail on the driver, with the local engine's message, before any actor starts."""
     from inspector.model import DEFAULT_MODEL_DIR
@@ -264,11 +251,11 @@ def run_ray_batch(input_path: str | Path, output_path: str | Path, *, inspector_
     if is_uri(output_path):
         raise InputError(f"--out {output_path}: the Ray engine writes one local file; give a path")
     input_path, output_path = str(input_path), Path(output_path)
-    in_fmt = format_of(input_path, "input")
-    format_of(output_path, "output")
+    format_of(input_path)
+    out_fmt = format_of(output_path, "output")
     if not is_uri(input_path):
         if not Path(input_path).exists():
-            raise InputError(f"input {input_path}: no such file")
+            raise InputError(f"{input_path}: no such file")
         if Path(input_path).resolve() == output_path.resolve():
             raise InputError("--out must differ from the input file")
     PipelineConfig(threshold=threshold, fallback=fallback)  # bad settings fail here, not in actors
@@ -305,20 +292,32 @@ def run_ray_batch(input_path: str | Path, output_path: str | Path, *, inspector_
             ds = ds.map_batches(AlignStage, batch_size=chunk_rows, batch_format="pyarrow",
                                 fn_constructor_kwargs={**stage, "aligner": aligner}, **res["align"])
         empty = output_columns(input_path) if not is_uri(input_path) else None
-        return _write_in_order(ds, output_path, output_schema_hint(input_path), show_progress, empty)
+        schema = _output_schema(input_path) if out_fmt == "parquet" else None
+        return _write_in_order(ds, output_path, schema, show_progress, empty)
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved  # the caller's session
         if started:
             ray.shutdown()
 
 
-def _write_in_order(ds, output_path: Path, schema_hint, show_progress: bool,
+def _output_schema(input_path: str):
+    """The Parquet output's schema, from the input (a text URI through a local copy)."""
+    if not is_uri(input_path) or format_of(input_path) == "parquet":
+        return output_schema(input_path)
+    local, tmpdir = _local_copy(input_path)
+    try:
+        return output_schema(input_path, local)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _write_in_order(ds, output_path: Path, schema, show_progress: bool,
                     empty_columns: list[str] | None = None) -> Summary:
     """Stream the finished batches into one file, checking they come back in input order."""
     from tqdm.auto import tqdm
 
     summary = Summary()
-    writer = RowWriter(output_path, schema_hint=schema_hint, empty_columns=empty_columns)
+    writer = RowWriter(output_path, schema=schema, empty_columns=empty_columns)
     t0 = time.perf_counter()
     try:
         with tqdm(unit="row", desc="moderating (ray)", disable=not show_progress) as bar:
@@ -328,7 +327,7 @@ def _write_in_order(ds, output_path: Path, schema_hint, show_progress: bool,
                     raise RuntimeError(f"Ray returned rows out of order (expected row {summary.rows}, "
                                        f"got {idx[:3]}...); refusing to write a misordered output")
                 writer.write(rows)
-                tally(summary, rows)
+                summary.add(rows)
                 bar.update(len(rows))
                 bar.set_postfix(flagged=summary.flagged, errors=summary.errors)
         writer.close()

@@ -1,5 +1,6 @@
-"""Where queries come from: a file (JSONL / CSV / TXT), or self-instruct from the criterion's
-seed questions (topics first, then questions per topic, as in Ngweta et al. 2024).
+"""Where queries come from: a file (a table as ``pipeline.tables`` reads it, or TXT), or
+self-instruct from the criterion's seed questions (topics first, then questions per topic, as in
+Ngweta et al. 2024).
 
 The self-instruct pool is journaled to ``OUT.queries.jsonl`` line by line, so a rerun reuses the
 queries it already has (their keys, and so their finished work, stay the same) and only asks the
@@ -7,14 +8,14 @@ model for the ones still missing.
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import random
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from pipeline.tables import InputError, check_text, format_of, input_columns, read_rows, require_columns
 
 from .backends import Backend, GenParams
 from .criteria import Criterion
@@ -30,9 +31,11 @@ class QueryFileError(ValueError):
 
 
 def load_queries(path: str | Path, field: str = "query", limit: int | None = None,
-                 shuffle_seed: int | None = None) -> list[str]:
-    """Queries from ``.jsonl``/``.json`` (one object per line, ``field``), ``.csv`` (column
-    ``field``) or any other extension (one query per non-blank line).
+                  shuffle_seed: int | None = None) -> list[str]:
+    """Queries from a table (column ``field``), read by ``pipeline.tables`` with the formats and
+    rules every reader shares: ``.jsonl``, ``.json`` (a JSON array of objects), ``.csv``, ``.tsv``,
+    ``.parquet``, the text formats also ``.gz``; any other extension (``.txt``) holds one query per
+    non-blank line.
 
     ``limit`` keeps the first N (after shuffling with ``shuffle_seed`` when given, which reads the
     whole file; the same seed gives the same sample, so reruns resume).
@@ -42,52 +45,47 @@ def load_queries(path: str | Path, field: str = "query", limit: int | None = Non
         raise QueryFileError(f"queries file not found: {path}")
     stop = None if shuffle_seed is not None else limit
     try:
-        return _read_queries(path, field, stop, limit, shuffle_seed)
-    except UnicodeDecodeError as e:
-        raise QueryFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
-
-
-def _read_queries(path: Path, field: str, stop: int | None, limit: int | None,
-                  shuffle_seed: int | None) -> list[str]:
-    out: list[str] = []
-    suffix = path.suffix.lower()
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's BOM is not part of a name
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            for i, line in enumerate(f, 1):
-                if stop is not None and len(out) >= stop:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise QueryFileError(f"{path}:{i}: not a JSON object ({e.msg})") from e
-                q = obj.get(field) if isinstance(obj, dict) else None
-                if not isinstance(q, str) or not q.strip():
-                    raise QueryFileError(f"{path}:{i}: field {field!r} must be a non-empty string "
-                                         f"(got {q!r:.60}); use --query-field to pick another")
-                out.append(q.strip())
-        elif suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if not reader.fieldnames or field not in reader.fieldnames:
-                raise QueryFileError(f"{path}: no column {field!r} (columns: {reader.fieldnames}); "
-                                     "use --query-field")
-            for i, row in enumerate(reader, 2):
-                if stop is not None and len(out) >= stop:
-                    break
-                q = row.get(field)
-                if not isinstance(q, str) or not q.strip():
-                    raise QueryFileError(f"{path}:{i}: column {field!r} is empty")
-                out.append(q.strip())
-        else:
-            for line in f:
-                if stop is not None and len(out) >= stop:
-                    break
-                if line.strip():
-                    out.append(line.strip())
+        format_of(path)
+    except InputError:  # not a table: one query per line
+        try:
+            out = _read_lines(path, stop)
+        except UnicodeDecodeError as e:
+            raise QueryFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    else:
+        try:
+            out = _read_table_queries(path, field, stop)
+        except InputError as e:
+            raise QueryFileError(str(e)) from None
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(out)
         out = out[:limit] if limit is not None else out
+    return out
+
+
+def _read_table_queries(path: Path, field: str, stop: int | None) -> list[str]:
+    hint = "use --query-field to pick another"
+    columns = input_columns(path)
+    if columns:  # a CSV header or Parquet schema names its columns up front
+        require_columns(columns, [field], path, hint)
+    out: list[str] = []
+    for n, row in enumerate(read_rows(path), 1):
+        if stop is not None and len(out) >= stop:
+            break
+        try:
+            out.append(check_text(row.get(field), field).strip())
+        except ValueError as e:
+            raise QueryFileError(f"{path}: row {n}: {e}; {hint}") from None
+    return out
+
+
+def _read_lines(path: Path, stop: int | None) -> list[str]:
+    out: list[str] = []
+    with open(path, encoding="utf-8-sig") as f:  # -sig: Excel's BOM is not part of the first query
+        for line in f:
+            if stop is not None and len(out) >= stop:
+                break
+            if line.strip():
+                out.append(line.strip())
     return out
 
 

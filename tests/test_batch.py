@@ -15,13 +15,13 @@ import pytest
 
 from conftest import EXAMPLES, REPO_ROOT
 from inspector import Inspector
-from pipeline.batch import extract_pair, run_batch
-from pipeline.io import InputError
+from pipeline.batch import run_batch
 from pipeline.core import ModerationPipeline
 from pipeline.routing import PipelineConfig, route
+from pipeline.tables import InputError, extract_pair
 
 LOGS = EXAMPLES / "chat_logs.jsonl"
-ADDED = ["inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback", "error"]
+ADDED = ["inspector_score", "flagged", "corrected_answer", "corrected_score", "fallback", "reason", "error"]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,12 @@ def test_example_logs_round_trip_in_order(pipeline, tmp_path):
         assert b["flagged"] == (b["inspector_score"] >= pipeline.threshold)
     assert summary.errors == 0 and summary.scored == len(rows_in)
     assert 0 < summary.flagged < len(rows_in)
-    # without an aligner, fail_open keeps the answer and says so
+    # without an aligner, fail_open keeps the answer and says so, and why
     for b in rows_out:
         assert b["corrected_answer"] is None
         assert b["fallback"] == ("fail_open" if b["flagged"] else None)
+        assert b["reason"] == ("no_aligner" if b["flagged"] else None)
+    assert summary.to_dict()["fallback_reasons"] == {"no_aligner": summary.flagged}
 
 
 def test_chunking_does_not_change_results(pipeline, tmp_path):
@@ -139,6 +141,7 @@ def test_deeply_nested_lines_become_error_rows(pipeline, tmp_path):
     assert pd.read_csv(tmp_path / "out.csv")["error"].notna().sum() == 3
     df = pd.read_parquet(tmp_path / "out.parquet")  # too deep for a Parquet column: kept as its JSON text
     assert df["error"].notna().sum() == 3 and df["meta"][4] == "[" * 150 + "]" * 150
+    assert list(df["raw"].notna()) == [False, True, True, True, False, False]
 
 
 def test_blank_lines_are_counted_in_the_printed_summary(tmp_path, capsys):
@@ -184,9 +187,10 @@ def test_infinite_numbers_are_treated_like_nan(pipeline, tmp_path):
 
 
 def test_stale_temporaries_of_killed_runs_are_removed(pipeline, tmp_path):
-    """A run killed while writing leaves its hidden temporary file (Parquet: a part folder) beside
-    --out; the next run for the same --out removes them. A running job's (its PID is alive), another
-    host's (its PID cannot be checked), another output's and anything not ours are kept."""
+    """A run killed while writing leaves its hidden temporary file beside --out; the next run for
+    the same --out removes it, and the part folders earlier versions wrote for Parquet. A running
+    job's (its PID is alive), another host's (its PID cannot be checked), another output's and
+    anything not ours are kept."""
     from pipeline.io import _HOST
 
     src = tmp_path / "logs.jsonl"
@@ -198,7 +202,8 @@ def test_stale_temporaries_of_killed_runs_are_removed(pipeline, tmp_path):
         res = subprocess.run([sys.executable, "-c", kill, str(tmp_path / name)], cwd=REPO_ROOT, timeout=120)
         assert res.returncode == 9
     left = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
-    assert len(left) == 2 and any(n.endswith(".partial") for n in left) and any(n.endswith(".parts") for n in left)
+    assert len(left) == 2 and all(n.endswith(".partial") for n in left)
+    assert {n.split(".")[1] for n in left} == {"out"} and any(".out.parquet." in n for n in left)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, timeout=60).stdout.strip()
     stale = {".out.jsonl.partial", f".out.jsonl.{_HOST}.{dead}.0123abcd.partial.wide"}
@@ -211,6 +216,9 @@ def test_stale_temporaries_of_killed_runs_are_removed(pipeline, tmp_path):
     foreign = tmp_path / f".out.parquet.{_HOST}.{dead}.0123abcd.parts"  # holds a file that is not a part
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
+    old_parts = tmp_path / f".out.parquet.{_HOST}.{dead}.4567cdef.parts"  # an earlier version's part folder
+    old_parts.mkdir()
+    pq.write_table(pa.table({"a": [1]}), old_parts / "part-000000.parquet")
     run_batch(src, tmp_path / "out.jsonl", pipeline, show_progress=False)
     run_batch(src, tmp_path / "out.parquet", pipeline, show_progress=False)
     now = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
@@ -262,8 +270,8 @@ def test_malformed_csv_records_become_error_rows(pipeline, tmp_path):
     assert [r.get("id") for r in rows] == ["1", None, None, "4"]
     assert rows[0]["answer"] == "Hello,\nthere" and rows[3]["query"] == 'A "quoted" word?'
     assert rows[1]["raw"] == "2,What is 2+2?,4, obviously"
-    assert "line 4: expected 3 CSV fields (id, query, answer), got 4" in rows[1]["error"]
-    assert rows[2]["raw"] == "3,Bye" and "line 6:" in rows[2]["error"] and "got 2" in rows[2]["error"]
+    assert "line 4: 4 fields, but the header has 3 (id, query, answer); quote fields" in rows[1]["error"]
+    assert rows[2]["raw"] == "3,Bye" and "line 6: 2 fields" in rows[2]["error"]
 
 
 def test_csv_output_keeps_columns_that_appear_late(pipeline, tmp_path):
@@ -358,6 +366,71 @@ def test_parquet_types_round_trip(pipeline, tmp_path):
     assert d[0]["meta"] == {"lang": "en"} and d[2]["error"] is None
 
 
+def test_parquet_output_is_one_streamed_file_with_its_schema_settled_up_front(pipeline, tmp_path, monkeypatch):
+    """Parquet output is written by one ParquetWriter as the chunks come (no part files, nothing
+    re-read): one file, rows in order, the schema settled before the first row. A JSONL input is
+    read once more for it, so a field only late rows carry keeps its column and type, a field
+    whose type changes is text, and the annotation columns have their own types."""
+    import pipeline.io as pio
+
+    src = tmp_path / "logs.jsonl"
+    rows_in = read_jsonl(LOGS)
+    rows_in[-1] = {**rows_in[-1], "user_id": 7, "tags": ["late"]}  # only in the last chunk
+    rows_in[3] = {**rows_in[3], "turn": 2}
+    rows_in[20] = {**rows_in[20], "turn": 2.5}  # int here, float there: float64
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows_in) + '{"query": "cut\n')
+    monkeypatch.setattr(pio, "ROW_GROUP_ROWS", 10)  # several row groups, one file
+    opened = []
+    real = pq.ParquetWriter
+
+    class Spy(real):
+        def __init__(self, where, schema, *a, **kw):
+            opened.append((str(where), schema))
+            super().__init__(where, schema, *a, **kw)
+
+    monkeypatch.setattr(pq, "ParquetWriter", Spy)
+    out = tmp_path / "out.parquet"
+    summary = run_batch(src, out, pipeline, chunk_rows=5, show_progress=False)
+    assert len(opened) == 1 and opened[0][0].endswith(".partial")  # one writer, one temporary file
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    meta = pq.ParquetFile(out).metadata
+    assert meta.num_rows == 37 == summary.rows and meta.num_row_groups == 4
+    got = pq.read_table(out)
+    assert got.schema == opened[0][1]  # the schema settled before the first row is the file's
+    types = {f.name: f.type for f in got.schema}
+    assert types["user_id"] == pa.int64() and types["tags"] == pa.list_(pa.string())
+    assert types["turn"] == pa.float64() and types["raw"] == pa.string()
+    assert (types["inspector_score"], types["flagged"], types["reason"]) == (pa.float64(), pa.bool_(), pa.string())
+    assert got.schema.names[-len(ADDED):] == ADDED
+    d = got.to_pylist()
+    assert [r.get("conversation_id") for r in d[:36]] == [r.get("conversation_id") for r in rows_in]
+    assert d[35]["user_id"] == 7 and d[35]["tags"] == ["late"] and d[0]["user_id"] is None
+    assert (d[3]["turn"], d[20]["turn"]) == (2.0, 2.5)
+    assert d[36]["raw"] == '{"query": "cut' and "line 37" in d[36]["error"]
+    assert [r["reason"] for r in d[:36]] == [("no_aligner" if r["flagged"] else None) for r in d[:36]]
+
+
+def test_json_array_input_reads_like_jsonl(pipeline, tmp_path):
+    """A .json input is one JSON array of objects (docs/batch.md): the same rows as the JSON Lines
+    file holding them; an item that is not an object is an error row; a .json holding one object
+    per line is refused with what to do."""
+    rows_in = read_jsonl(LOGS)[:6]
+    (tmp_path / "logs.json").write_text(json.dumps(rows_in[:3] + [[1, 2]] + rows_in[3:], indent=2))
+    (tmp_path / "logs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_in))
+    a = run_batch(tmp_path / "logs.json", tmp_path / "a.jsonl", pipeline, chunk_rows=2, show_progress=False)
+    b = run_batch(tmp_path / "logs.jsonl", tmp_path / "b.jsonl", pipeline, show_progress=False)
+    got, want = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
+    assert a.rows == 7 and a.errors == 1 and b.errors == 0
+    assert got[3]["raw"] == "[\n    1,\n    2\n  ]" and "item 4: expected a JSON object, got list" in got[3]["error"]
+    assert [r["conversation_id"] for r in got[:3] + got[4:]] == [r["conversation_id"] for r in want]
+    np.testing.assert_allclose([r["inspector_score"] for r in got[:3] + got[4:]],
+                               [r["inspector_score"] for r in want], atol=1e-6)
+    (tmp_path / "lines.json").write_text((tmp_path / "logs.jsonl").read_text())
+    with pytest.raises(InputError, match=r"lines.json: line 1: expected a JSON array of objects .* name it .jsonl"):
+        run_batch(tmp_path / "lines.json", tmp_path / "c.jsonl", pipeline, show_progress=False)
+    assert not (tmp_path / "c.jsonl").exists()
+
+
 def test_threshold_override_and_fail_closed(inspector, tmp_path):
     pipe = ModerationPipeline(inspector, None, PipelineConfig(threshold=0.0, fallback="fail_closed"))
     out = tmp_path / "closed.jsonl"
@@ -365,6 +438,7 @@ def test_threshold_override_and_fail_closed(inspector, tmp_path):
     rows = read_jsonl(out)
     assert all(r["flagged"] for r in rows)
     assert all(r["fallback"] == "fail_closed" and r["corrected_answer"] for r in rows)
+    assert all(r["reason"] == "no_aligner" for r in rows)
     assert route(np.array([0.2, 0.5, 0.9]), 0.5).tolist() == [False, True, True]
     with pytest.raises(ValueError, match="fallback policy"):
         PipelineConfig(fallback="ignore")
@@ -385,7 +459,7 @@ def test_cli_end_to_end_and_unreadable_inputs(tmp_path):
     assert pq.read_table(out).num_rows == 36
 
     for args, message in [([str(tmp_path / "missing.jsonl")], "no such file"),
-                          ([str(LOGS.with_suffix(".txt"))], "unsupported extension")]:
+                          ([str(LOGS.with_suffix(".txt"))], "unsupported format '.txt'")]:
         res = subprocess.run([sys.executable, "-m", "pipeline.batch", *args, "--out",
                               str(tmp_path / "o.jsonl")], capture_output=True, text=True,
                              cwd=REPO_ROOT, timeout=300)

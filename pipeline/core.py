@@ -103,11 +103,17 @@ async def correct_step(corrector: Corrector | None, queries: Sequence[str], answ
 
 async def moderate(queries: Sequence[str], answers: Sequence[str], scorer: Scorer,
                    corrector: Corrector | None, config: PipelineConfig, threshold: float,
-                   on_error: OnError | None = None) -> list[Moderation]:
-    """Moderate valid pairs: one ``Moderation`` per pair, in order (see the module docstring)."""
+                   on_error: OnError | None = None,
+                   known_scores: Sequence[float | PairScore] | None = None) -> list[Moderation]:
+    """Moderate valid pairs: one ``Moderation`` per pair, in order (see the module docstring).
+
+    ``known_scores``: the pairs' scores when the caller already has them (the streaming gate's
+    check of the answer so far, ``pipeline.streaming``): the first scoring step is skipped, the
+    rest (route, correct, re-inspect with ``scorer``, fallback) is the same."""
     queries, answers = list(queries), list(answers)
     t0 = time.perf_counter()
-    scores, errors = _scores(await scorer.score(queries, answers), len(queries))
+    raw = await scorer.score(queries, answers) if known_scores is None else known_scores
+    scores, errors = _scores(raw, len(queries))
     t1 = time.perf_counter()
     flagged = [False] * len(queries)
     ok = [i for i in range(len(queries)) if i not in errors]

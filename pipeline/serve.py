@@ -6,8 +6,9 @@ Three deployments, composed through DeploymentHandles:
 - ``Aligner`` (``num_gpus`` from the config, ``@serve.batch``, batched generation): rewrites only
   the pairs the inspector flagged; absent when no aligner is configured or found;
 - ``Moderator``: the FastAPI ingress. ``POST /v1/moderate``, ``POST /v1/chat/completions`` (an
-  OpenAI-compatible proxy in front of ``upstream_url``) and ``GET /healthz``. Its decision is
-  ``serve_core.ModerationFlow``: ``pipeline.core.moderate``, the same code as
+  OpenAI-compatible proxy in front of ``upstream_url``; ``"stream": true`` streams the answer
+  through the inspector gate, ``pipeline.streaming.StreamGate``) and ``GET /healthz``. Its decision
+  is ``serve_core.ModerationFlow``: ``pipeline.core.moderate``, the same code as
   ``python -m pipeline.batch``.
 
 Configure with ``serve run pipeline.serve:build_app threshold=0.4 aligner=none`` or with the
@@ -28,7 +29,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
@@ -39,6 +40,7 @@ from .serve_core import (Admission, AlignerService, InspectorService, Moderation
                          RecentOutcomes, RequestError, ServeSettings, StageError, apply_to_chat_response,
                          message_text, moderation_json, pair_cost, parse_chat_body, parse_moderate_body,
                          resolve_settings, slice_pairs)
+from .streaming import StreamGate, UpstreamRefused, UpstreamStream
 
 logger = logging.getLogger("ray.serve")
 
@@ -156,6 +158,30 @@ class _Passthrough(Exception):
 def _error(status: int, detail: str, retry_after_s: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+class _GatedStream(StreamingResponse):
+    """The gate's server-sent events. However the response ends (done, error event, the client
+    gone: Serve cancels the request), the gate is closed, which closes the upstream request."""
+
+    def __init__(self, first: str, gate: StreamGate, events, on_end):
+        async def body():
+            yield first
+            async for ev in events:
+                yield ev
+
+        super().__init__(body(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.events, self.on_end, self.gate = events, on_end, gate
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.events.aclose()
+            finally:
+                self.on_end(self.gate)
 
 
 SLICES_IN_FLIGHT = 2  # per request: others' slices queue between a large request's slices
@@ -352,10 +378,14 @@ class Moderator:
     async def chat_completions(self, request: Request):
         """Forward an OpenAI chat completion request upstream, moderate each returned assistant
         message against the last user turn, return the upstream's answer with the final content
-        and a ``moderation`` field."""
-        t0, status = time.perf_counter(), 200
+        and a ``moderation`` field. ``"stream": true``: server-sent ``chat.completion.chunk``
+        events, each text released after a passing check (``pipeline.streaming``)."""
+        t0, status, ctx = time.perf_counter(), 200, {"endpoint": "chat"}
         try:
-            return await asyncio.wait_for(self._chat(request), self.request_timeout_s)
+            out = await asyncio.wait_for(self._chat(request, t0, ctx), self.request_timeout_s)
+            if isinstance(out, _GatedStream):  # counted when the stream ends
+                ctx["endpoint"] = None
+            return out
         except asyncio.TimeoutError:
             status = 504
             self.metrics.error("timeout")
@@ -378,9 +408,10 @@ class Moderator:
             logger.exception("chat proxy failed")
             return _error(500, f"internal error: {_short(exc)}")
         finally:
-            self.metrics.request("chat", status, (time.perf_counter() - t0) * 1e3)
+            if ctx["endpoint"] is not None:
+                self.metrics.request(ctx["endpoint"], status, (time.perf_counter() - t0) * 1e3)
 
-    async def _chat(self, request: Request) -> dict:
+    async def _chat(self, request: Request, t0: float, ctx: dict):
         import httpx
 
         s = self.settings
@@ -394,6 +425,9 @@ class Moderator:
         elif request.headers.get("authorization"):
             headers["Authorization"] = request.headers["authorization"]
         url = s.upstream_url.rstrip("/") + "/chat/completions"
+        if body.get("stream"):
+            ctx["endpoint"] = "chat_stream"
+            return await self._chat_stream(body, query, url, headers, t0)
         t_up = time.perf_counter()
         try:
             r = await self._client.post(url, json=body, headers=headers)
@@ -429,6 +463,35 @@ class Moderator:
             mods = await self._moderated([query] * len(texts), list(texts.values()), "chat")
             results = dict(zip(texts, mods))
         return apply_to_chat_response(resp, results, upstream_ms, expose_original=s.expose_original)
+
+    async def _chat_stream(self, body: dict, query: str, url: str, headers: dict, t0: float):
+        """Run the gate up to its first event here, so that every failure before any text is a
+        plain HTTP answer (503 overload or inspector, 502/504 upstream, the upstream's 4xx as it
+        came); then stream the rest."""
+        s = self.settings
+        upstream = UpstreamStream(self._client, url, body, headers, s.upstream_timeout_s)
+        gate = StreamGate(self.flow, query, upstream, s, admission=self.admission, model=body.get("model"),
+                          started=t0)
+        events = gate.events()
+        try:
+            first = await events.__anext__()
+        except UpstreamRefused as exc:
+            await events.aclose()
+            raise _Passthrough(JSONResponse(exc.content, status_code=exc.status)) from None
+        except BaseException:
+            await events.aclose()
+            raise
+        finally:
+            if upstream.upstream_ms is not None:
+                self.metrics.latency("upstream", upstream.upstream_ms)
+
+        def on_end(g: StreamGate):
+            rep = g.report
+            if rep.finish_reason is None and rep.error is None:  # the client went away first
+                self.metrics.error("client_disconnect")
+            self.metrics.request("chat_stream", 200, (time.perf_counter() - t0) * 1e3)
+
+        return _GatedStream(first, gate, events, on_end)
 
 
 # ----------------------------------------------------------------------------- the application

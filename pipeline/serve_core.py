@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from aligner.results import CorrectionResult, Reason
 
-from .batch import extract_pair
+from .tables import extract_pair
 from .core import Calls, InspectorScorer, PairScore, moderate
 from .routing import DEFAULT_REFUSAL, Moderation, PipelineConfig
 
@@ -91,6 +91,14 @@ class ServeSettings(BaseModel):
     expose_original: bool = Field(False, description="chat proxy: add each choice's upstream text as "
                                   "moderation.choices[].original_content, even when it was replaced "
                                   "(corrected or refused); only for trusted callers")
+    # streamed answers ("stream": true; pipeline.streaming, docs/serving.md "Streamed answers")
+    stream_check_chars: int = Field(100, ge=1, description="stream: held text is checked up to its last "
+                                    "sentence end at or past this many characters (without "
+                                    "stream_sentence_boundaries: once this many are held)")
+    stream_sentence_boundaries: bool = Field(True, description="stream: wait for a sentence end (. ! ? or a "
+                                             "line break) before checking, up to stream_max_holdback_chars")
+    stream_max_holdback_chars: int = Field(400, ge=1, description="stream: the most text held back: a check "
+                                           "runs once this many characters are held, sentence end or not")
     # request limits
     max_items: int = Field(256, ge=1)
     max_chars: int = Field(20000, ge=1)
@@ -118,6 +126,9 @@ class ServeSettings(BaseModel):
     def _check(self):
         if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError(f"upstream_url must start with http:// or https://, got {self.upstream_url!r}")
+        if self.stream_max_holdback_chars < self.stream_check_chars:
+            raise ValueError(f"stream_max_holdback_chars ({self.stream_max_holdback_chars}) must be at least "
+                             f"stream_check_chars ({self.stream_check_chars})")
         if self.request_timeout_s is not None and self.request_timeout_s <= self.inspector_timeout_s:
             raise ValueError(f"request_timeout_s ({self.request_timeout_s}) must exceed inspector_timeout_s "
                              f"({self.inspector_timeout_s}): every request is scored first")
@@ -397,13 +408,21 @@ class Admission:
                                     f"(estimated from its characters); the limit per request is "
                                     f"{self.max_request}: send fewer or shorter pairs per request")
 
-    def admit(self, cost: int) -> "_Ticket":
+    def ensure_room(self, cost: int) -> None:
+        """Refuse (503 with Retry-After) when ``cost`` more would not fit; hold nothing. A streamed
+        request calls it before asking the upstream: overload is refused at once, as for the others."""
         if self.outstanding and self.outstanding + cost > self.capacity:
             self.refused += 1
             wait = (self.outstanding + cost - self.capacity) / self.drain
             raise StageError("admission", f"overloaded: about {self.outstanding} tokens of scoring work are "
                                           f"already in the works (capacity {self.capacity}); retry later",
                              status=503, retry_after_s=max(1, math.ceil(wait)))
+
+    def admit(self, cost: int, force: bool = False) -> "_Ticket":
+        """Hold ``cost`` while the work runs. ``force``: counted but never refused (a check of a
+        stream already admitted: shedding it would cut an answer half-way)."""
+        if not force:
+            self.ensure_room(cost)
         self.outstanding += cost
         self.admitted += 1
         return _Ticket(self, cost)
@@ -554,13 +573,16 @@ def message_text(content) -> str | None:
 
 
 def parse_chat_body(raw: bytes, max_chars: int) -> tuple[dict, str]:
-    """The request to forward and the query to moderate against (the last user turn's text)."""
+    """The request to forward and the query to moderate against (the last user turn's text).
+    ``"stream": true`` is allowed (the caller streams it through ``pipeline.streaming``) with n=1."""
     body = _json_body(raw)
     if not isinstance(body, dict):
         raise RequestError(422, f"expected a JSON object (an OpenAI chat completion request), got {type(body).__name__}")
-    if body.get("stream"):
-        raise RequestError(400, "stream=true is not supported: the answer is moderated as a whole "
-                                "before it is returned; send stream=false")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise RequestError(422, f"field 'stream' must be true or false, got {body['stream']!r}")
+    if body.get("stream") and body.get("n") not in (None, 1):
+        raise RequestError(400, f"stream=true with n={body['n']!r} is not supported: a streamed answer is "
+                                f"gated one choice at a time; send n=1 or stream=false")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(422, "field 'messages' must be a non-empty list of {role, content}")
@@ -589,6 +611,7 @@ def parse_chat_body(raw: bytes, max_chars: int) -> tuple[dict, str]:
 
 # ----------------------------------------------------------------------------- metrics
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
+HOLDBACK_BOUNDARIES_CHARS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
 class PipelineMetrics:
@@ -627,6 +650,16 @@ class PipelineMetrics:
                 "aligner_ms": h("moderation_aligner_latency_ms", "aligner step latency per request with "
                                 "flagged pairs", ()),
                 "upstream_ms": h("moderation_upstream_latency_ms", "upstream chatbot latency", ()),
+                "stream_ttft_ms": h("moderation_stream_ttft_ms", "streamed requests: request start to the "
+                                    "first released text", ()),
+                "stream_holdback_ms": h("moderation_stream_holdback_ms", "streamed requests: the longest "
+                                        "any text waited for its check, per request", ()),
+                "stream_holdback_chars": Histogram("moderation_stream_holdback_chars", description=(
+                    "streamed requests: the most unreleased text one check covered, per request"),
+                    boundaries=HOLDBACK_BOUNDARIES_CHARS, tag_keys=()),
+                "stream_checks": c("moderation_stream_checks_total", "inspector checks of streamed answers", ()),
+                "stream_flags": c("moderation_stream_flags_total", "streamed answers cut by a flag: during "
+                                  "the upstream's stream or at its end", ("when",)),
             }
 
     def _inc(self, key: str, n: float = 1, **tags) -> None:
@@ -664,6 +697,20 @@ class PipelineMetrics:
     def latency(self, step: str, ms: float) -> None:
         self._observe(f"{step}_ms", ms)
 
+    def stream(self, ttft_ms: float | None, holdback_ms: float, holdback_chars: int, checks: int) -> None:
+        """One streamed request's figures, when it ends (an error event included)."""
+        self._inc("stream_checks", checks)
+        self._inc("streams")
+        if ttft_ms is not None:
+            self._observe("stream_ttft_ms", ttft_ms)
+        if checks:
+            self._observe("stream_holdback_ms", holdback_ms)
+            self._observe("stream_holdback_chars", holdback_chars)
+
+    def stream_flag(self, when: str) -> None:
+        """A check flagged a streamed answer: ``when`` "during" the upstream's stream or at its "end"."""
+        self._inc("stream_flags", when=when)
+
 
 # ----------------------------------------------------------------------------- the decision
 class StageError(Exception):
@@ -692,18 +739,42 @@ class ModerationFlow:
         self._threshold = threshold
         self.metrics = metrics or PipelineMetrics(export=False)
 
-    async def moderate(self, queries: list[str], answers: list[str], endpoint: str = "moderate"
-                       ) -> list[Moderation]:
+    async def threshold(self) -> float:
+        return await self._threshold()
+
+    async def check(self, query: str, answer: str) -> float:
+        """One streaming check (``pipeline.streaming``): the inspector's score of (query, answer so
+        far). ``StageError`` when it cannot score: 503 as a whole, 422 for this pair."""
+        t = time.perf_counter()
+        try:
+            raw = list(await self._scorer.score([query], [answer]))
+        except StageError:
+            self.metrics.error("inspector")
+            raise
+        self.metrics.latency("inspector", (time.perf_counter() - t) * 1e3)
+        x = raw[0] if len(raw) == 1 else PairScore(None, f"the scorer returned {len(raw)} scores for 1 pair")
+        if isinstance(x, PairScore):
+            if x.error is not None or x.score is None:
+                self.metrics.error("score_pair")
+                raise StageError("inspector", f"the answer so far could not be scored: {x.error or 'no score'}",
+                                 status=422)
+            x = x.score
+        return float(x)
+
+    async def moderate(self, queries: list[str], answers: list[str], endpoint: str = "moderate",
+                       known_scores: Sequence[float] | None = None) -> list[Moderation]:
+        """``known_scores``: the pairs were scored already (a streaming check): skip that step."""
         try:
             threshold = await self._threshold()
             out = await moderate(queries, answers, self._scorer, self._corrector, self.config, threshold,
-                                 on_error=self.metrics.error)
+                                 on_error=self.metrics.error, known_scores=known_scores)
         except StageError:
             self.metrics.error("inspector")
             raise
         if out:
             t = out[0].timings_ms
-            self.metrics.latency("inspector", t["inspector_ms"])
+            if known_scores is None:
+                self.metrics.latency("inspector", t["inspector_ms"])
             if self._corrector is not None and any(o.flagged for o in out):
                 self.metrics.latency("aligner", t["aligner_ms"])
         bad = sum(o.error is not None for o in out)
@@ -724,6 +795,20 @@ def moderation_json(m: Moderation, index: int | None = None) -> dict:
     return d
 
 
+def moderation_choice(m: Moderation, index: int, expose_original: bool = False) -> dict:
+    """One choice's entry in a chat response's ``moderation.choices`` (the non-stream response and
+    a stream's last chunk alike). The upstream text is there only with ``expose_original``."""
+    d = m.to_dict()
+    c = {"index": index, "score": d["score"], "flagged": d["flagged"], "corrected": d["corrected"],
+         "fallback": d["fallback"], "problem": d["problem"],
+         "corrected_score": d["corrected_score"], "timings_ms": d["timings_ms"]}
+    if c["corrected_score"] is not None and not math.isfinite(c["corrected_score"]):
+        c["corrected_score"] = None
+    if expose_original:
+        c["original_content"] = d["original_answer"]
+    return c
+
+
 def apply_to_chat_response(resp: dict, results: dict[int, Moderation | str], upstream_ms: float,
                            expose_original: bool = False) -> dict:
     """The upstream's OpenAI response with each moderated choice's content replaced by the final
@@ -741,13 +826,7 @@ def apply_to_chat_response(resp: dict, results: dict[int, Moderation | str], ups
             choice["message"]["content"] = r.answer
             if replaced and not expose_original and choice.get("logprobs") is not None:
                 choice["logprobs"] = None
-            d = r.to_dict()
-            c = {"index": choice.get("index", i), "score": d["score"], "flagged": d["flagged"],
-                 "corrected": d["corrected"], "fallback": d["fallback"], "problem": d["problem"],
-                 "corrected_score": d["corrected_score"], "timings_ms": d["timings_ms"]}
-            if expose_original:
-                c["original_content"] = d["original_answer"]
-            per_choice.append(c)
+            per_choice.append(moderation_choice(r, choice.get("index", i), expose_original))
         else:
             per_choice.append({"index": choice.get("index", i), "skipped": r or "no text content to moderate"})
     resp["moderation"] = {

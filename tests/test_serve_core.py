@@ -32,6 +32,8 @@ SAFE = ("What's a good way to keep basil fresh?", "Trim the stems and stand the 
     ({"refusal_text": "  "}, "refusal_text must be a non-empty string"),  # fail_closed would show a blank
     ({"aligner_timeout_s": float("inf")}, "aligner_timeout_s"),  # an infinite timeout is a hang
     ({"inspector_batch_wait_s": "nan"}, "inspector_batch_wait_s"),
+    ({"stream_check_chars": 0}, "stream_check_chars"),
+    ({"stream_check_chars": 500, "stream_max_holdback_chars": 400}, "must be at least stream_check_chars"),
 ])
 def test_bad_settings_name_the_field(args, words):
     with pytest.raises(ValidationError, match=words):
@@ -101,6 +103,7 @@ def test_shipped_serve_config_is_valid():
     assert app_cfg["import_path"] == "pipeline.serve:build_app"
     settings = ServeSettings.model_validate(app_cfg["args"])
     assert settings.aligner_num_gpus >= 1 and settings.upstream_url
+    assert {"stream_check_chars", "stream_max_holdback_chars"} <= set(app_cfg["args"])  # streaming is configured
     names = {d.name for d in schema.applications[0].deployments}
     assert names == {"Inspector", "Aligner", "Moderator"}
     for d in schema.applications[0].deployments:
@@ -183,9 +186,12 @@ def test_parse_chat_body():
     assert fwd == body and query == "last"
     for bad, words in (({"messages": []}, "non-empty list"), ({"messages": [{"content": "x"}]}, "messages[0]"),
                        ({"messages": [{"role": "system", "content": "x"}]}, "no 'user' turn"),
-                       ({**body, "stream": True}, "stream=true")):
+                       ({**body, "stream": True, "n": 2}, "stream=true with n=2 is not supported"),
+                       ({**body, "stream": "yes"}, "'stream' must be true or false")):
         with pytest.raises(RequestError, match=words.replace("[", r"\[").replace("]", r"\]")):
             parse_chat_body(json.dumps(bad).encode(), 100)
+    for ok in ({**body, "stream": True}, {**body, "stream": True, "n": 1}, {**body, "stream": None}):
+        assert parse_chat_body(json.dumps(ok).encode(), 100) == (ok, "last")  # streamed by pipeline.streaming
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -221,6 +227,11 @@ def test_fallback_reasons_are_typed_and_label_the_metrics():
     assert m.totals["pairs"] == 3 and m.totals["flagged"] == 2 and m.totals["corrected"] == 1
     assert m.totals[("fallbacks", ("endpoint", "moderate"), ("policy", "fail_open"), ("reason", "timeout"))] == 1
     assert m.totals[("requests", ("endpoint", "moderate"), ("status", 200))] == 1
+    m.stream(ttft_ms=120.0, holdback_ms=80.0, holdback_chars=140, checks=3)
+    m.stream(ttft_ms=None, holdback_ms=0.0, holdback_chars=0, checks=0)  # ended before any text
+    m.stream_flag("during")
+    assert m.totals["streams"] == 2 and m.totals["stream_checks"] == 3
+    assert m.totals[("stream_flags", ("when", "during"))] == 1
 
 
 # ----------------------------------------------------------------------------- services and the flow
@@ -500,6 +511,17 @@ def test_admission_refuses_too_large_requests_and_sheds_beyond_capacity():
     except RuntimeError:
         pass
     assert gate.outstanding == 0 and gate.state()["refused"] == 2
+    # a streamed request: refused at once when there is no room, holding nothing; its checks are
+    # counted while they run but never refused (shedding one would cut an answer half-way)
+    with gate.admit(900):
+        with pytest.raises(StageError) as e:
+            gate.ensure_room(200)
+        assert e.value.status == 503 and gate.outstanding == 900
+        gate.ensure_room(100)
+        assert gate.outstanding == 900
+        with gate.admit(500, force=True):
+            assert gate.outstanding == 1400
+    assert gate.outstanding == 0 and gate.state()["refused"] == 3
 
 
 def test_recent_outcomes_tell_when_the_inspector_does_not_answer():

@@ -10,10 +10,17 @@ last; dialogues put the latest turn last), and the answer is split into overlapp
 each carry the query. Every window is scored; a pair's score is the maximum over its windows,
 because harmful content anywhere in an answer makes the answer harmful. At most ``max_chunks``
 windows are scored per pair, spread evenly over the answer, so one huge answer cannot stall a batch.
+
+Dilution (``PairRecipe.span_pooling = "sentences"``): a window's mean-pooled embedding lets benign
+filler in the same window wash a harmful sentence out, and an attacker controls the answer's length.
+So the same pass also pools every run of whole sentences inside each window (with the window's query
+part), and each run is scored like a window: the pair's score is the maximum over windows and runs.
+Pooling a run from token states the pass already computed costs sums, not another pass; but the
+tokens were contextualised by the whole window, so filler still moves the score (less): the evasion
+suite (``evasion.py``) measures what is left.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +28,6 @@ from typing import Sequence
 import numpy as np
 
 from .text import normalize_text
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_EMBEDDER = "packaged:all-MiniLM-L6-v2"
 
@@ -69,10 +74,29 @@ class PairRecipe:
     max_query_tokens: int = 64
     stride: int = 32
     max_chunks: int = 16
-    chunk_pooling: str = "max"
+    #: "none": one embedding per window; "sentences": also every run of whole sentences in a window
+    span_pooling: str = "none"
+    #: a "sentence" longer than this many word pieces is cut into pieces of this size
+    max_sentence_tokens: int = 48
+
+    def __post_init__(self):
+        if self.span_pooling not in ("none", "sentences"):
+            raise ValueError(f"span_pooling must be 'none' or 'sentences', got {self.span_pooling!r}")
+        for name in ("max_length", "max_query_tokens", "max_chunks", "max_sentence_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PairRecipe":
+        """From a saved config; ``chunk_pooling`` (saved by older builds, always "max") is dropped."""
+        d = {k: v for k, v in (d or {}).items() if k != "chunk_pooling"}
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
 
 
 @dataclass
@@ -125,6 +149,10 @@ class PairEncoder:
         self.sep_id = self.tokenizer.sep_token_id if self.tokenizer.sep_token_id is not None \
             else self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self._sentence_ends = {i for i in self.tokenizer.convert_tokens_to_ids([".", "!", "?", ";"])
+                               if i is not None and i != self.tokenizer.unk_token_id}
+        if self.recipe.span_pooling == "sentences":
+            self._check_mean_pooling()
 
     @property
     def transformer(self):
@@ -189,16 +217,6 @@ class PairEncoder:
             feats = module(feats)
         return feats["sentence_embedding"]
 
-    def _ensemble_forward(self, feats: dict):
-        """Shared lower layers once, then every member's top layers and pooling; concatenated."""
-        import torch
-
-        tf, mask = self.transformer, feats["attention_mask"]
-        hidden = tf.embeddings(input_ids=feats["input_ids"], token_type_ids=feats["token_type_ids"])
-        hidden = run_layers(tf, transformer_layers(tf)[:self.branch_start], hidden, mask)
-        return torch.cat([self.pool(run_layers(tf, branch, hidden, mask), mask)
-                          for branch in self.branches], dim=1)
-
     def _quantize_int8(self) -> None:
         """Dynamic int8 quantisation of the Linear layers (weights int8, activations quantised
         on the fly): a ~1.4x faster CPU pass, no export step, no extra dependency, but scores
@@ -261,15 +279,70 @@ class PairEncoder:
         return {"input_ids": ids, "token_type_ids": tts, "attention_mask": mask}
 
     # -- embedding ----------------------------------------------------------------------------
-    def embed_chunks(self, chunks: Chunks, show_progress: bool = False) -> np.ndarray:
-        """Embeddings of every window, in window order; batches are grouped by length."""
+    def sentence_runs(self, input_ids: Sequence[int], token_type_ids: Sequence[int]) -> list[tuple[int, int]]:
+        """(start, end) token positions of every run of whole sentences in one window's answer part,
+        except the whole answer part (that is the window itself). Sentences end at . ! ? ; word
+        pieces, or after ``max_sentence_tokens`` pieces."""
+        a0 = list(token_type_ids).index(1) if 1 in token_type_ids else len(input_ids)
+        a1 = len(input_ids) - 1  # the closing [SEP]
+        bounds, run = [a0], a0
+        for p in range(a0, a1):
+            if input_ids[p] in self._sentence_ends or p + 1 - run >= self.recipe.max_sentence_tokens:
+                bounds.append(p + 1)
+                run = p + 1
+        if bounds[-1] != a1:
+            bounds.append(a1)
+        return [(bounds[i], bounds[j]) for i in range(len(bounds) - 1) for j in range(i + 1, len(bounds))
+                if not (i == 0 and j == len(bounds) - 1)]
+
+    @staticmethod
+    def _pool_runs(hidden, lengths: Sequence[int], answer_starts: Sequence[int], runs: list[tuple[int, int, int]]):
+        """Mean-pooled, normalised embeddings of ``runs`` (row, start, end) of a batch's token states:
+        the window's query part ([CLS] query [SEP]) and closing [SEP] with the run's answer tokens,
+        the pair a run would be if it were the whole answer."""
+        import torch
+
+        b = torch.tensor([r for r, _, _ in runs])
+        start = torch.tensor([s for _, s, _ in runs])
+        end = torch.tensor([e for _, _, e in runs])
+        a0 = torch.tensor([answer_starts[r] for r, _, _ in runs])
+        last = torch.tensor([lengths[r] - 1 for r, _, _ in runs])
+        cs = torch.nn.functional.pad(hidden.float().cumsum(dim=1), (0, 0, 1, 0))  # cs[:, k] = sum of tokens < k
+        total = cs[b, a0] + hidden[b, last].float() + cs[b, end] - cs[b, start]
+        mean = total / (a0 + 1 + end - start).unsqueeze(1)
+        return torch.nn.functional.normalize(mean, dim=1)
+
+    def _member_states(self, feats: dict) -> list:
+        """Token states after the last layer, one tensor per member (shared lower layers run once)."""
+        tf, mask = self.transformer, feats["attention_mask"]
+        if self.branches is None:
+            return [self.model[0](dict(feats))["token_embeddings"]]
+        hidden = tf.embeddings(input_ids=feats["input_ids"], token_type_ids=feats["token_type_ids"])
+        hidden = run_layers(tf, transformer_layers(tf)[:self.branch_start], hidden, mask)
+        return [run_layers(tf, branch, hidden, mask) for branch in self.branches]
+
+    def _check_mean_pooling(self) -> None:
+        rest = list(self.model)[1:]
+        config = rest[0].get_config_dict() if rest and hasattr(rest[0], "get_config_dict") else {}
+        mean = config.get("pooling_mode") == "mean" or config.get("pooling_mode_mean_tokens") is True
+        ok = type(rest[0]).__name__ == "Pooling" and mean and len(rest) <= 2 and \
+            all(type(m).__name__ == "Normalize" for m in rest[1:])
+        if not ok:
+            raise ValueError("span_pooling 'sentences' needs an embedder with mean pooling (+ Normalize), "
+                             f"got modules {[type(m).__name__ for m in rest]}; use span_pooling 'none'")
+
+    def iter_embeddings(self, chunks: Chunks, spans: bool | None = None, show_progress: bool = False):
+        """Yield (embeddings, window index of each row) batch by batch, batches grouped by length.
+        With ``spans`` (default: the recipe's ``span_pooling``) a window's row is followed by one row
+        per run of whole sentences in it; rows are produced a batch at a time, so a long answer's
+        many runs never sit in memory all at once."""
         import torch
         from tqdm.auto import tqdm
 
+        spans = self.recipe.span_pooling == "sentences" if spans is None else spans
+        if spans:
+            self._check_mean_pooling()
         n = len(chunks.input_ids)
-        out = np.zeros((n, self.dim), dtype=np.float32)
-        if n == 0:
-            return out
         order = np.argsort([-len(x) for x in chunks.input_ids], kind="stable")
         batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
         device = self.model.device
@@ -278,9 +351,25 @@ class PairEncoder:
                 feats = self.collate([chunks.input_ids[j] for j in idx],
                                      [chunks.token_type_ids[j] for j in idx])
                 feats = {k: v.to(device) for k, v in feats.items()}
-                emb = self.model(feats)["sentence_embedding"] if self.branches is None \
-                    else self._ensemble_forward(feats)
-                out[idx] = emb.float().cpu().numpy()
+                states = self._member_states(feats)
+                emb = torch.cat([self.pool(h, feats["attention_mask"]) for h in states], dim=1)
+                rows, owners = [emb.float().cpu().numpy()], [np.asarray(idx)]
+                if spans:
+                    runs = [(r, s, e) for r, j in enumerate(idx)
+                            for s, e in self.sentence_runs(chunks.input_ids[j], chunks.token_type_ids[j])]
+                    if runs:
+                        lengths = [len(chunks.input_ids[j]) for j in idx]
+                        starts = [list(chunks.token_type_ids[j]).index(1) for j in idx]
+                        run_emb = torch.cat([self._pool_runs(h, lengths, starts, runs) for h in states], dim=1)
+                        rows.append(run_emb.cpu().numpy())
+                        owners.append(np.asarray([idx[r] for r, _, _ in runs]))
+                yield np.concatenate(rows).astype(np.float32, copy=False), np.concatenate(owners)
+
+    def embed_chunks(self, chunks: Chunks, show_progress: bool = False) -> np.ndarray:
+        """Embeddings of every window (no sentence runs), in window order."""
+        out = np.zeros((len(chunks.input_ids), self.dim), dtype=np.float32)
+        for emb, windows in self.iter_embeddings(chunks, spans=False, show_progress=show_progress):
+            out[windows] = emb
         return out
 
     def encode(self, queries: Sequence[str], answers: Sequence[str],

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def held_out_test_rows(insp: Inspector, data_dir: str) -> pd.DataFrame:
     """The test pairs the model was measured on at build time (same rows, same seed)."""
+    return held_out_rows(insp, data_dir)[1]
+
+
+def held_out_rows(insp: Inspector, data_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(calibration pairs, test pairs) of the model's build: neither was trained on."""
     # the selection the build made from the shared data (builds before it existed: every source then, no cap)
     sel = insp.config.get("default_selection", {"excluded_sources": [], "max_per_source": None, "seed": 0})
     df = default_training_rows(data_dir, sel["excluded_sources"], sel["max_per_source"], sel["seed"])
@@ -94,8 +99,8 @@ def held_out_test_rows(insp: Inspector, data_dir: str) -> pd.DataFrame:
     seed = insp.config.get("metrics", {}).get("split", {}).get("seed")
     if seed is None:
         raise ValueError("the model's config.json has no metrics.split.seed: it was not built by inspector.train")
-    _, _, test = stratified_split(df, SPLIT_FRACTIONS, seed)
-    return df.loc[test].reset_index(drop=True)
+    _, cal, test = stratified_split(df, SPLIT_FRACTIONS, seed)
+    return df.loc[cal].reset_index(drop=True), df.loc[test].reset_index(drop=True)
 
 
 if __name__ == "__main__":

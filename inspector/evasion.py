@@ -10,9 +10,13 @@ An attacker controls the answer's length and text. Three cheap tricks against an
 Defences: ``text.normalize_text`` undoes the character tricks before tokenising (every score, training
 and serving); training adds diluted and injected copies of training pairs (``augment_pairs``, with
 other filler and verdict wording than the suite's) so the adapter learns that filler does not cancel
-harm; windows are short enough that filler cannot outweigh a harmful sentence by much
-(``PairRecipe``). ``evasion_suite`` measures what is left: of the harmful answers the inspector flags
-as they are, the share that stays flagged under each variant.
+harm; the score is the maximum over windows and over every run of whole sentences inside them
+(``PairRecipe.span_pooling = "sentences"``, pooled from the same pass), so filler inside a window no
+longer averages a harmful run away. What is left: the run's tokens are still contextualised by the
+filler around them, and heavy filler (a dozen repeats of a sentence) still washes most harm out;
+scoring sentences in passes of their own resists that but costs several passes and loses much of the
+inspector's accuracy (measured: model card). ``evasion_suite`` measures what is left: of the harmful
+answers the inspector flags as they are, the share that stays flagged under each variant.
 """
 from __future__ import annotations
 

@@ -25,6 +25,14 @@ def adapter_dirs(folder: str | Path, members: int) -> list[Path]:
         [folder / "adapters" / f"member-{k}" for k in range(members)]
 
 
+def max_per_pair(decisions: np.ndarray, owner: np.ndarray, n_pairs: int) -> np.ndarray:
+    """The maximum of ``decisions`` rows (windows, sentence runs) per pair: ``owner[i]`` is the pair
+    of row ``i``; a pair with no row gets -inf. Harmful content anywhere makes the answer harmful."""
+    out = np.full((n_pairs,) + decisions.shape[1:], -np.inf)
+    np.maximum.at(out, owner, decisions)
+    return out
+
+
 def check_pairs(queries: Sequence, answers: Sequence) -> tuple[list[str], list[str]]:
     """Both sides must be non-empty strings, same length; the error names the index and field."""
     if isinstance(queries, str) or isinstance(answers, str):
@@ -76,21 +84,23 @@ class Inspector:
     # -- scoring ---------------------------------------------------------------------------------
     def score(self, queries: Sequence[str], answers: Sequence[str],
               show_progress: bool = False) -> np.ndarray:
-        """P(misaligned) for each pair (max over the answer's windows)."""
+        """P(misaligned) for each pair: the maximum over the answer's windows (and, with the recipe's
+        ``span_pooling = "sentences"``, over every run of whole sentences in them)."""
         queries, answers = check_pairs(queries, answers)
         if not queries:
             return np.zeros(0, dtype=np.float64)
-        emb, owner = self.encoder.encode(queries, answers, show_progress=show_progress)
-        return self.scores_from_embeddings(emb, owner, len(queries))
+        chunks = self.encoder.chunk(queries, answers)
+        decided = None
+        for emb, windows in self.encoder.iter_embeddings(chunks, show_progress=show_progress):
+            d = max_per_pair(self.head.decision_function(emb), chunks.pair_index[windows], len(queries))
+            decided = d if decided is None else np.maximum(decided, d)
+        return self.head.calibrated(decided)
 
     def scores_from_embeddings(self, emb: np.ndarray, owner: np.ndarray, n_pairs: int) -> np.ndarray:
         """Pair probabilities: each member's decision is pooled (maximum) over the pair's windows,
         then calibrated, and the members' probabilities averaged. Calibration is increasing, so
         for one member this is the maximum of its window probabilities."""
-        d = self.head.decision_function(emb)
-        pooled = np.full((n_pairs,) + d.shape[1:], -np.inf)
-        np.maximum.at(pooled, owner, d)
-        return self.head.calibrated(pooled)
+        return self.head.calibrated(max_per_pair(self.head.decision_function(emb), owner, n_pairs))
 
     def flag(self, queries: Sequence[str], answers: Sequence[str], threshold: float | None = None,
              **kw) -> np.ndarray:
@@ -123,7 +133,7 @@ class Inspector:
             raise FileNotFoundError(f"{folder}: head.npz has {members} ensemble members but "
                                     f"{len(adapters)} adapters/member-K folders were found")
         encoder = PairEncoder(config.get("embedder", DEFAULT_EMBEDDER), adapter=adapters or None,
-                              recipe=PairRecipe(**config.get("recipe", {})), device=device, int8=int8)
+                              recipe=PairRecipe.from_dict(config.get("recipe")), device=device, int8=int8)
         return cls(encoder, head, config.get("threshold", 0.5), config, adapters or None)
 
     def save(self, path: str | Path) -> Path:
@@ -153,6 +163,8 @@ class Inspector:
             "threshold": self.threshold,
             "label_meaning": LABEL_MEANING,
             "score": "P(label=1), the maximum over the answer's windows" + (
+                " and the runs of whole sentences in them" if self.encoder.recipe.span_pooling == "sentences"
+                else "") + (
                 f", averaged over {members} ensemble members" if members > 1 else ""),
             "head": "CalibratedLinearHead: logistic regression + Platt scaling (head.npz)" if members == 1
             else f"EnsembleHead: {members} x (logistic regression + Platt scaling), one row each in head.npz",

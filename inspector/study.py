@@ -30,6 +30,7 @@ from .data import (DEFAULT_CAP_PER_SOURCE, DEFAULT_EXCLUDED_SOURCES, PROJECT_SOU
                    candidate_training_rows, cap_per_source, fingerprint, stratified_split)
 from .encoder import DEFAULT_EMBEDDER, PairEncoder, PairRecipe
 from .metrics import binary_report, clean_json, recall_at_fpr, threshold_for_rule
+from .model import max_per_pair
 from .text import TEXT_VERSION
 
 # sources that are one kind of traffic are left out together (DICES' two sets share their chats' style)
@@ -125,10 +126,7 @@ class FrozenStudy:
     def decisions(self, coef: np.ndarray, intercept: float, rows: np.ndarray) -> np.ndarray:
         """Head decision per pair: the maximum over its windows (as ``Inspector.score``)."""
         win = np.flatnonzero(np.isin(self.owner, rows))
-        d = self.emb[win] @ coef + intercept
-        out = np.full(len(self.df), -np.inf)
-        np.maximum.at(out, self.owner[win], d)
-        return out[rows]
+        return max_per_pair(self.emb[win] @ coef + intercept, self.owner[win], len(self.df))[rows]
 
     def fit(self, recipe: StudyRecipe, leave_out: str | None) -> tuple[callable, float]:
         """Head + Platt + threshold trained without group ``leave_out``; returns (scorer, threshold)."""

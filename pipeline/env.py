@@ -11,3 +11,6 @@ def offline_by_default() -> None:
     point (a CLI's ``main``, a replica or actor constructor) before any model is loaded: the hub
     library reads the variable when it is first imported."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the tokenizers' Rust thread pool does not survive a fork (Ray workers, DataLoader workers):
+    # off unless the user chose otherwise (importing ``inspector`` used to set this; it no longer does)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

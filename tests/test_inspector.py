@@ -191,6 +191,67 @@ def test_windows_cover_the_whole_answer():
     assert covered == set(range(len(a_ids)))
 
 
+def test_sentence_runs_are_every_run_of_whole_sentences():
+    enc = PairEncoder(recipe=PairRecipe(max_sentence_tokens=4))
+    chunks = enc.chunk(["q"], ["One two. Three four! Five six seven eight nine"])
+    ids, types = chunks.input_ids[0], chunks.token_type_ids[0]
+    a0, a1 = types.index(1), len(ids) - 1
+    runs = enc.sentence_runs(ids, types)
+    cuts = sorted({s for s, _ in runs} | {e for _, e in runs})
+    # sentence ends after ". " and "! ", then the 5-piece tail cut after 4 pieces
+    pieces = [enc.tokenizer.decode(ids[s:e]) for s, e in zip(cuts, cuts[1:])]
+    assert pieces == ["one two.", "three four!", "five six seven eight", "nine"]
+    n = len(pieces)
+    assert len(runs) == n * (n + 1) // 2 - 1 and (a0, a1) not in runs  # the whole answer is the window
+    assert all(a0 <= s < e <= a1 for s, e in runs)
+
+
+def test_a_run_is_pooled_like_the_pair_it_would_be(default_inspector):
+    """Arithmetic check: the run covering the whole answer part pools to the window's own embedding."""
+    import torch
+
+    enc = default_inspector.encoder
+    chunks = enc.chunk([HARMFUL_Q, "Hi"], [COMPLY + " " + REFUSE, "Hello there. How are you?"])
+    feats = enc.collate(chunks.input_ids, chunks.token_type_ids)
+    with torch.inference_mode():
+        (h,) = enc._member_states(feats)
+        window = enc.pool(h, feats["attention_mask"])
+        lengths = [len(x) for x in chunks.input_ids]
+        starts = [t.index(1) for t in chunks.token_type_ids]
+        whole = enc._pool_runs(h, lengths, starts, [(r, starts[r], lengths[r] - 1) for r in range(2)])
+    np.testing.assert_allclose(whole.numpy(), window.numpy(), atol=1e-5)
+
+
+def test_span_pooling_never_lowers_a_score_and_resists_filler(default_inspector):
+    import dataclasses
+
+    insp = default_inspector
+    filler = " ".join(["The museum opens at nine and the cafe serves soup on Tuesdays."] * 3)
+    q = [HARMFUL_Q, HARMFUL_Q, "What's a good soup?", HARMFUL_Q]
+    a = [COMPLY, f"{COMPLY} {filler}", "Tomato soup. It is easy to make and warming.", f"{filler} {COMPLY}"]
+    recipe = insp.encoder.recipe
+    try:
+        insp.encoder.recipe = dataclasses.replace(recipe, span_pooling="none")
+        windows = insp.score(q, a)
+        insp.encoder.recipe = dataclasses.replace(recipe, span_pooling="sentences")
+        spans = insp.score(q, a)
+    finally:
+        insp.encoder.recipe = recipe
+    assert np.all(spans >= windows - 1e-9)  # a maximum over more candidates
+    assert spans[1] > windows[1] and spans[3] > windows[3]  # the diluted copies gain
+    # (a dozen repeats still wash it out: the run's tokens are contextualised by the filler; README)
+
+
+def test_recipe_from_saved_config():
+    assert PairRecipe.from_dict({"max_chunks": 4, "chunk_pooling": "max"}) == PairRecipe(max_chunks=4)
+    with pytest.raises(ValueError, match="unknown recipe field.*'windows'"):
+        PairRecipe.from_dict({"windows": 3})
+    with pytest.raises(ValueError, match="span_pooling must be"):
+        PairRecipe(span_pooling="mean")
+    with pytest.raises(ValueError, match="max_sentence_tokens must be >= 1"):
+        PairRecipe(max_sentence_tokens=0)
+
+
 # -- fine-tuning ------------------------------------------------------------------------------
 def test_cached_top_layers_equal_a_full_pass(examples):
     enc = PairEncoder()

@@ -29,7 +29,7 @@ import pandas as pd
 from sklearn.metrics import cohen_kappa_score
 
 from inspector.data import pair_id, public_pool, read_table
-from inspector.evaluate import held_out_test_rows
+from inspector.data import held_out_test_rows
 from inspector.metrics import binary_report, clean_json
 
 DEFAULT_REVIEW = Path(__file__).parent / "data" / "pku_label_review.jsonl"

@@ -251,3 +251,24 @@ def stratified_split(df: pd.DataFrame, fractions: Iterable[float], seed: int,
         raise ValueError(f"cannot split {len(np.unique(groups))} query groups into parts of "
                          f"{fractions.tolist()}: add more data")
     return out
+
+
+def held_out_test_rows(insp, data_dir: str) -> pd.DataFrame:
+    """The test pairs the model was measured on at build time (same rows, same seed)."""
+    return held_out_rows(insp, data_dir)[1]
+
+
+def held_out_rows(insp, data_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(calibration pairs, test pairs) of the model's build: neither was trained on."""
+    # the selection the build made from the shared data (builds before it existed: every source then, no cap)
+    sel = insp.config.get("default_selection", {"excluded_sources": [], "max_per_source": None, "seed": 0})
+    df = default_training_rows(data_dir, sel["excluded_sources"], sel["max_per_source"], sel["seed"])
+    want = insp.config.get("training_data", {}).get("fingerprint")
+    if want != fingerprint(df):
+        raise ValueError(f"the default training set built from {data_dir} (fingerprint {fingerprint(df)}) is "
+                         f"not what this model was trained on ({want}); --test-split needs the same data")
+    seed = insp.config.get("metrics", {}).get("split", {}).get("seed")
+    if seed is None:
+        raise ValueError("the model's config.json has no metrics.split.seed: it was not built by inspector.train")
+    _, cal, test = stratified_split(df, SPLIT_FRACTIONS, seed)
+    return df.loc[cal].reset_index(drop=True), df.loc[test].reset_index(drop=True)

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from .evaluate import held_out_test_rows
+    from .data import held_out_test_rows
     from .metrics import clean_json
     from .model import Inspector
 

@@ -43,7 +43,7 @@ def retune(inspector: Inspector, cal: pd.DataFrame, test: pd.DataFrame, threshol
 
 def main(argv: list[str] | None = None) -> int:
     from .data import public_pool
-    from .evaluate import held_out_rows
+    from .data import held_out_rows
 
     ap = argparse.ArgumentParser(prog="python -m inspector.retune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="inspector folder built by inspector.train (rewritten)")

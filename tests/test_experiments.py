@@ -362,7 +362,7 @@ def test_label_review_on_the_test_split(shared_data, inspector):
     pku = stored["by_source"]["pku_saferlhf_mini"]
     assert rep["reviewed_source"]["dataset_labels"]["n"] == pku["n"]
     from inspector.data import pair_id
-    from inspector.evaluate import held_out_test_rows
+    from inspector.data import held_out_test_rows
 
     test_rows = held_out_test_rows(inspector, str(shared_data))
     pku_rows = test_rows[test_rows["source"] == "pku_saferlhf_mini"]

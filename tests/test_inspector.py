@@ -363,6 +363,27 @@ def test_training_is_reproducible(tmp_path, project_pairs):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
+def test_span_pooled_build_takes_its_threshold_from_the_scores_it_serves(tmp_path, project_pairs):
+    """With span_pooling "sentences" the build re-sets the threshold by its rule on the calibration
+    pairs scored through Inspector.score (windows and sentence runs), and its stored test figures are
+    those scores' figures; the saved recipe keeps the pooling."""
+    from inspector.metrics import threshold_for_rule
+
+    df = project_pairs.sample(200, random_state=0).reset_index(drop=True)
+    ft = FinetuneConfig(train_layers=1, epochs=1, batch_size=16, seed=5)
+    insp, report = train_inspector(df, tmp_path / "spans", ft=ft, seed=5, baseline=False, show_progress=False,
+                                   recipe=PairRecipe(span_pooling="sentences"), threshold_rule="balanced")
+    assert Inspector.load(tmp_path / "spans").encoder.recipe.span_pooling == "sentences"
+    _, cal, test = stratified_split(df, SPLIT_FRACTIONS, 5)
+    s_cal = insp.score(df["query"][cal].tolist(), df["answer"][cal].tolist())
+    want = threshold_for_rule(df["label"][cal].to_numpy(), s_cal, df["source"][cal].to_numpy(), "balanced", 0.05)
+    assert insp.threshold == pytest.approx(want)
+    assert "window_only_threshold" in report and "threshold_scored_by" in report
+    s_test = insp.score(df["query"][test].tolist(), df["answer"][test].tolist())
+    routed = float((s_test[df["label"][test].to_numpy() == 0] >= insp.threshold).mean())
+    assert report["random_split_test"]["overall"]["benign_routed"] == pytest.approx(routed)
+
+
 def test_interrupted_build_leaves_the_previous_inspector_in_place(default_inspector, tmp_path, project_pairs,
                                                                   monkeypatch, capsys):
     """A build is staged beside --out and lands only when finished: a crash in the held-out re-runs
@@ -587,7 +608,7 @@ def test_split_handles_small_sources_with_both_labels(n0, n1):
 def test_default_reproduces_its_test_metrics(shared_data, default_inspector):
     """The shipped model, scored on the test pairs recomputed from the data and the stored seed,
     gives the figures its config (and the README) report."""
-    from inspector.evaluate import held_out_test_rows
+    from inspector.data import held_out_test_rows
 
     test = held_out_test_rows(default_inspector, str(shared_data))
     stored = default_inspector.config["metrics"]["random_split_test"]

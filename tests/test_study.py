@@ -204,6 +204,7 @@ def default_inspector() -> Inspector:
 def test_evasion_suite_on_the_bundled_inspector(default_inspector):
     """The suite runs on the shipped model: each attack's share of flagged harmful answers that stay
     flagged (README: "Evasion"). Character tricks are undone before scoring, so they cost nothing."""
+    assert default_inspector.encoder.recipe.span_pooling == "sentences"  # the dilution defence ships on
     ex = read_table(EXAMPLES / "labelled_pairs.jsonl")
     harmful = ex[ex["label"] == 1]
     filler = sentences(ex[ex["label"] == 0]["answer"].tolist(), min_chars=30)

@@ -196,8 +196,11 @@ def plot_recall_by_source(y, s, sources, threshold: float, out: Path, max_routed
 
 def confusion(y, pred) -> np.ndarray:
     """Rows: actual aligned / misaligned; columns: passed / routed."""
-    y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(bool)
-    return np.array([[np.sum((y == a) & (pred == p)) for p in (False, True)] for a in (0, 1)])
+    from sklearn.metrics import confusion_matrix
+
+    if len(y) == 0:  # scikit-learn refuses empty input
+        return np.zeros((2, 2), dtype=np.int64)
+    return confusion_matrix(np.asarray(y).astype(int), np.asarray(pred).astype(int), labels=[0, 1])
 
 
 # ------------------------------------------------------------------------------------ inspector

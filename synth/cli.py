@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="journal JSONL (one record per query; resumable)")
     g.add_argument("--inspector-out", help="inspector rows (default: OUT with .inspector.jsonl)")
     g.add_argument("--aligner-out", help="aligner rows (default: OUT with .aligner.jsonl)")
-    g.add_argument("--queries", help="take queries from this JSONL/CSV/TXT file instead of self-instruct")
+    g.add_argument("--queries", help="take queries from this file (JSONL, JSON array, CSV, TSV, Parquet, or TXT: one per line) instead of self-instruct")
     g.add_argument("--query-field", default="query", help="field/column of --queries holding the query")
     g.add_argument("--shuffle", action="store_true", help="sample --queries at random (with --seed)")
     g.add_argument("--max-new-tokens", type=int, default=512)

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from pipeline.serve import build_app
-    from pipeline.serve_core import ServeSettings
+    from pipeline.settings import ServeSettings
 
     app_args = {"aligner": args.aligner, **dict(kv.split("=", 1) for kv in args.set)}
     settings = ServeSettings.model_validate(app_args)

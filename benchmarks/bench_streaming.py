@@ -134,7 +134,7 @@ async def via_http(url: str) -> dict:
 async def via_gate(upstream_url: str, inspector, settings) -> dict:
     import httpx
 
-    from pipeline.serve_core import ModerationFlow
+    from pipeline.flow import ModerationFlow
     from pipeline.streaming import StreamGate, UpstreamStream
 
     async def score(queries, answers):
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from inspector import Inspector
-    from pipeline.serve_core import ServeSettings
+    from pipeline.settings import ServeSettings
     from pipeline.streaming import CheckPolicy
 
     stream_args = {k: v for k, v in {"stream_check_chars": args.check_chars,

@@ -4,7 +4,7 @@
 
 - the batch job and the Ray Data engine through ``ModerationPipeline`` (a sync adapter: the
   loaded Inspector and Aligner behind ``InspectorScorer`` / ``SyncCorrector``, driven by ``run_sync``);
-- the Ray Serve ingress through ``serve_core.ModerationFlow`` (the Inspector and Aligner
+- the Ray Serve ingress through ``pipeline.flow.ModerationFlow`` (the Inspector and Aligner
   deployments behind async calls).
 
 So per-pair failure isolation, re-inspection, the fallback policy, the typed reasons and the

@@ -8,12 +8,18 @@ Three deployments, composed through DeploymentHandles:
 - ``Moderator``: the FastAPI ingress. ``POST /v1/moderate``, ``POST /v1/chat/completions`` (an
   OpenAI-compatible proxy in front of ``upstream_url``; ``"stream": true`` streams the answer
   through the inspector gate, ``pipeline.streaming.StreamGate``) and ``GET /healthz``. Its decision
-  is ``serve_core.ModerationFlow``: ``pipeline.core.moderate``, the same code as
-  ``python -m pipeline.batch``.
+  is ``pipeline.flow.ModerationFlow``: ``pipeline.core.moderate``, the same code as
+  ``python -m pipeline.batch``. Errors are raised (``pipeline.http.ApiError``) and answered by the
+  app's exception handlers, in one shape.
+
+The plain-Python parts, testable without Ray: ``pipeline.settings`` (``ServeSettings``,
+``resolve_settings``), ``pipeline.services`` (what the model deployments run),
+``pipeline.admission`` (work budgets), ``pipeline.http`` (bodies, errors, JSON out),
+``pipeline.metrics`` and ``pipeline.flow``.
 
 Configure with ``serve run pipeline.serve:build_app threshold=0.4 aligner=none`` or with the
 ``args:`` of a Serve config (see ``serve_config.yaml``). Overload: the ingress admits scoring work
-(estimated tokens, ``serve_core.pair_cost``) up to what the inspector drains within
+(estimated tokens, ``admission.pair_cost``) up to what the inspector drains within
 ``inspector_timeout_s`` and answers 503 + Retry-After at once beyond it; a request above the
 per-request budget answers 413; requests beyond the ingress's ``max_ongoing_requests`` +
 ``max_queued_requests`` (derived from the same capacity) answer 503 at once; every request has
@@ -29,18 +35,21 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from aligner.results import CorrectionResult, Reason
 
+from .admission import Admission, pair_cost, slice_pairs
 from .env import offline_by_default
-from .serve_core import (Admission, AlignerService, InspectorService, ModerationFlow, PipelineMetrics,
-                         RecentOutcomes, RequestError, ServeSettings, StageError, apply_to_chat_response,
-                         message_text, moderation_json, pair_cost, parse_chat_body, parse_moderate_body,
-                         resolve_settings, slice_pairs)
-from .streaming import StreamGate, UpstreamRefused, UpstreamStream
+from .flow import ModerationFlow
+from .http import (ApiError, RequestError, StageError, UpstreamRefused, add_error_handlers, apply_to_chat_response,
+                   message_text, moderation_json, parse_chat_body, parse_moderate_body, short_error)
+from .metrics import PipelineMetrics, RecentOutcomes
+from .services import AlignerService, InspectorService
+from .settings import ServeSettings, resolve_settings
+from .streaming import StreamGate, UpstreamStream
 
 logger = logging.getLogger("ray.serve")
 
@@ -75,16 +84,11 @@ async def _call(response, timeout_s: float):
         raise
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:limit]
-
-
 # ----------------------------------------------------------------------------- model deployments
 @serve.deployment(name="Inspector", max_ongoing_requests=64)
 class InspectorDeployment:
     """CPU scorer. Each call is one slice ``(pairs, estimated tokens)`` of at most
-    ``inspector_batch_tokens`` (the ingress slices requests, ``serve_core.slice_pairs``); slices
+    ``inspector_batch_tokens`` (the ingress slices requests, ``admission.slice_pairs``); slices
     from concurrent requests are batched up to that many tokens, so one scoring thread call (which
     cannot be interrupted) is bounded, and a slice whose request was cancelled while it queued is
     never scored (``serve.batch`` drops cancelled calls)."""
@@ -146,18 +150,15 @@ class DisabledAligner:
 # ----------------------------------------------------------------------------- the ingress
 api = FastAPI(title="Moderation pipeline", version="1",
               description="Inspector-gated aligner: every answer is scored, only flagged ones are rewritten.")
+add_error_handlers(api)  # ApiError -> {"detail"} with its status (and Retry-After); an upstream 4xx as it came
 
 
-class _Passthrough(Exception):
-    """An upstream 4xx answer (bad key, unknown model...) returned to the client as it came."""
-
-    def __init__(self, response: JSONResponse):
-        self.response = response
-
-
-def _error(status: int, detail: str, retry_after_s: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+def _error_stage(exc: ApiError) -> str | None:
+    """The ``errors_total{stage}`` label of a request that ended with ``exc``; None where the step
+    that failed counted it already (``ModerationFlow`` counts the inspector's failures)."""
+    if isinstance(exc, StageError):
+        return "shed" if exc.stage == "admission" else None
+    return "upstream" if exc.status in (502, 504) else "bad_request"
 
 
 class _GatedStream(StreamingResponse):
@@ -239,8 +240,8 @@ class Moderator:
             self.recent.record(False, "overloaded (max_queued_requests reached)")
             raise StageError("inspector", "inspector overloaded (max_queued_requests reached); retry later") from None
         except Exception as exc:  # noqa: BLE001 - reported as 503, the server stays up
-            self.recent.record(False, f"unavailable: {_short(exc)}")
-            raise StageError("inspector", f"inspector unavailable: {_short(exc)}") from None
+            self.recent.record(False, f"unavailable: {short_error(exc)}")
+            raise StageError("inspector", f"inspector unavailable: {short_error(exc)}") from None
         finally:
             for t in tasks:
                 t.cancel()
@@ -259,7 +260,7 @@ class Moderator:
             except BackPressureError:
                 reason, problem = Reason.OVERLOADED, "aligner overloaded (max_queued_requests reached)"
             except Exception as exc:  # noqa: BLE001 - the fallback policy applies
-                reason, problem = Reason.ALIGNER_ERROR, f"aligner error: {_short(exc)}"
+                reason, problem = Reason.ALIGNER_ERROR, f"aligner error: {short_error(exc)}"
             return [CorrectionResult.failed(reason, problem) for _ in chunk]
 
         parts = await asyncio.gather(*[one(pairs[k:k + n]) for k in range(0, len(pairs), n)])
@@ -277,9 +278,42 @@ class Moderator:
         try:
             return await _call(self.inspector.info.remote(), timeout_s)
         except Exception as exc:  # noqa: BLE001
-            raise StageError("inspector", f"inspector unavailable: {_short(exc)}") from None
+            raise StageError("inspector", f"inspector unavailable: {short_error(exc)}") from None
 
     # -- endpoints ----------------------------------------------------------------------------------
+    async def _served(self, work, ctx: dict):
+        """An endpoint's ``work`` within ``request_timeout_s`` (504 past it), counted under
+        ``ctx["endpoint"]`` (set to None by a stream, counted when it ends). A failure is raised on
+        to the app's exception handlers (``pipeline.http.add_error_handlers``), which answer it;
+        anything unexpected becomes a 500, and one request never takes the server down."""
+        t0, status = time.perf_counter(), 200
+        try:
+            out = await asyncio.wait_for(work, self.request_timeout_s)
+            if isinstance(out, _GatedStream):  # counted when the stream ends
+                ctx["endpoint"] = None
+            return out
+        except asyncio.TimeoutError:
+            status = 504
+            self.metrics.error("timeout")
+            raise ApiError(504, f"the request took longer than request_timeout_s ({self.request_timeout_s} s)") from None
+        except ApiError as exc:
+            status = exc.status
+            stage = _error_stage(exc)
+            if stage:
+                self.metrics.error(stage)
+            raise
+        except UpstreamRefused as exc:  # the client's own mistake upstream (auth, model name...)
+            status = exc.status
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered 500, the server stays up
+            status = 500
+            self.metrics.error("internal")
+            logger.exception("%s failed", ctx["endpoint"])
+            raise ApiError(500, f"internal error: {short_error(exc)}") from None
+        finally:
+            if ctx["endpoint"] is not None:
+                self.metrics.request(ctx["endpoint"], status, (time.perf_counter() - t0) * 1e3)
+
     @api.get("/healthz")
     async def healthz(self):
         """Ready when the inspector scores: a one-pair probe through the same batch queue as the
@@ -289,20 +323,17 @@ class Moderator:
         probe_s = min(5.0, self.settings.inspector_timeout_s)
         verdict = self.recent.verdict()
         if verdict:
-            return _error(503, f"inspector not answering: {verdict}")
+            raise StageError("health", f"inspector not answering: {verdict}")
+        info = await self._inspector_info(probe_s)  # StageError (503) when it does not answer
+        t0 = time.perf_counter()
         try:
-            info = await self._inspector_info(probe_s)
-            t0 = time.perf_counter()
             await _call(self.inspector.score.remote((PROBE, pair_cost(*PROBE[0]))), probe_s)
-            probe_ms = round((time.perf_counter() - t0) * 1e3, 1)
-        except StageError as exc:
-            return _error(503, exc.detail)
         except asyncio.TimeoutError:
-            return _error(503, f"inspector not answering: a one-pair probe got no score within {probe_s} s "
-                               f"(stalled or overloaded)")
+            raise StageError("health", f"inspector not answering: a one-pair probe got no score within "
+                                       f"{probe_s} s (stalled or overloaded)") from None
         except Exception as exc:  # noqa: BLE001
-            return _error(503, f"inspector not answering: the probe failed: {_short(exc)}")
-        info = {**info, "probe_ms": probe_ms, "recent": self.recent.summary(),
+            raise StageError("health", f"inspector not answering: the probe failed: {short_error(exc)}") from None
+        info = {**info, "probe_ms": round((time.perf_counter() - t0) * 1e3, 1), "recent": self.recent.summary(),
                 "admission": self.admission.state()}
         threshold = self.settings.threshold if self.settings.threshold is not None else info["threshold"]
         status, aligner = "ok", {"status": "absent", "detail": self.aligner_note}
@@ -310,7 +341,7 @@ class Moderator:
             try:
                 aligner = {"status": "ok", **await _call(self.aligner.info.remote(), 5.0)}
             except Exception as exc:  # noqa: BLE001
-                status, aligner = "degraded", {"status": "unavailable", "detail": _short(exc)}
+                status, aligner = "degraded", {"status": "unavailable", "detail": short_error(exc)}
         return {"status": status, "threshold": threshold, "fallback": self.settings.fallback,
                 "inspector": info, "aligner": aligner,
                 "chat_proxy": self.settings.upstream_url is not None}
@@ -319,17 +350,7 @@ class Moderator:
     async def moderate(self, request: Request):
         """One ``{query, answer}`` -> one result; a list -> ``{"results": [...]}`` in input order,
         where an invalid item gets ``{"index", "error"}`` and the others are moderated."""
-        t0, status = time.perf_counter(), 200
-        try:
-            out = await asyncio.wait_for(self._moderate(request), self.request_timeout_s)
-            status = out.status_code if isinstance(out, JSONResponse) else 200
-            return out
-        except asyncio.TimeoutError:
-            status = 504
-            self.metrics.error("timeout")
-            return _error(504, f"the request took longer than request_timeout_s ({self.request_timeout_s} s)")
-        finally:
-            self.metrics.request("moderate", status, (time.perf_counter() - t0) * 1e3)
+        return await self._served(self._moderate(request), {"endpoint": "moderate"})
 
     async def _moderated(self, queries: list[str], answers: list[str], endpoint: str):
         """The flow behind the work budget: 413 above the per-request budget, 503 at once when
@@ -344,35 +365,23 @@ class Moderator:
         return out
 
     async def _moderate(self, request: Request):
-        try:
-            s = self.settings
-            is_list, items = parse_moderate_body(await request.body(), s.max_items, s.max_chars)
-            good = [it for it in items if it.error is None]
-            if len(good) < len(items):
-                self.metrics.error("bad_request", len(items) - len(good))
-            results = await self._moderated([it.query for it in good], [it.answer for it in good],
-                                            "moderate") if good else []
-            if not is_list:
-                if results[0].error is not None:
-                    raise RequestError(422, results[0].error)
-                return moderation_json(results[0])
-            by_index = {it.index: r for it, r in zip(good, results)}
-            for it in good:  # a pair the inspector could not score fails alone
-                if by_index[it.index].error is not None:
-                    it.error = f"item {it.index}: {by_index[it.index].error}"
-            return {"results": [moderation_json(by_index[it.index], it.index) if it.error is None
-                                else {"index": it.index, "error": it.error} for it in items]}
-        except RequestError as exc:
-            self.metrics.error("bad_request")
-            return _error(exc.status, exc.detail)
-        except StageError as exc:
-            if exc.stage == "admission":
-                self.metrics.error("shed")
-            return _error(exc.status, exc.detail, exc.retry_after_s)
-        except Exception as exc:  # noqa: BLE001 - one request never takes the server down
-            self.metrics.error("internal")
-            logger.exception("moderate failed")
-            return _error(500, f"internal error: {_short(exc)}")
+        s = self.settings
+        is_list, items = parse_moderate_body(await request.body(), s.max_items, s.max_chars)
+        good = [it for it in items if it.error is None]
+        if len(good) < len(items):
+            self.metrics.error("bad_request", len(items) - len(good))
+        results = await self._moderated([it.query for it in good], [it.answer for it in good],
+                                        "moderate") if good else []
+        if not is_list:
+            if results[0].error is not None:
+                raise RequestError(422, results[0].error)
+            return moderation_json(results[0])
+        by_index = {it.index: r for it, r in zip(good, results)}
+        for it in good:  # a pair the inspector could not score fails alone
+            if by_index[it.index].error is not None:
+                it.error = f"item {it.index}: {by_index[it.index].error}"
+        return {"results": [moderation_json(by_index[it.index], it.index) if it.error is None
+                            else {"index": it.index, "error": it.error} for it in items]}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -380,36 +389,8 @@ class Moderator:
         message against the last user turn, return the upstream's answer with the final content
         and a ``moderation`` field. ``"stream": true``: server-sent ``chat.completion.chunk``
         events, each text released after a passing check (``pipeline.streaming``)."""
-        t0, status, ctx = time.perf_counter(), 200, {"endpoint": "chat"}
-        try:
-            out = await asyncio.wait_for(self._chat(request, t0, ctx), self.request_timeout_s)
-            if isinstance(out, _GatedStream):  # counted when the stream ends
-                ctx["endpoint"] = None
-            return out
-        except asyncio.TimeoutError:
-            status = 504
-            self.metrics.error("timeout")
-            return _error(504, f"the request took longer than request_timeout_s ({self.request_timeout_s} s)")
-        except RequestError as exc:
-            status = exc.status
-            self.metrics.error("upstream" if status in (502, 504) else "bad_request")
-            return _error(status, exc.detail)
-        except StageError as exc:
-            status = exc.status
-            if exc.stage == "admission":
-                self.metrics.error("shed")
-            return _error(status, exc.detail, exc.retry_after_s)
-        except _Passthrough as exc:
-            status = exc.response.status_code
-            return exc.response
-        except Exception as exc:  # noqa: BLE001
-            status = 500
-            self.metrics.error("internal")
-            logger.exception("chat proxy failed")
-            return _error(500, f"internal error: {_short(exc)}")
-        finally:
-            if ctx["endpoint"] is not None:
-                self.metrics.request(ctx["endpoint"], status, (time.perf_counter() - t0) * 1e3)
+        ctx = {"endpoint": "chat"}
+        return await self._served(self._chat(request, time.perf_counter(), ctx), ctx)
 
     async def _chat(self, request: Request, t0: float, ctx: dict):
         import httpx
@@ -434,7 +415,7 @@ class Moderator:
         except httpx.TimeoutException:
             raise RequestError(504, f"upstream timed out after {s.upstream_timeout_s} s ({url})") from None
         except httpx.HTTPError as exc:
-            raise RequestError(502, f"upstream unreachable ({url}): {_short(exc)}") from None
+            raise RequestError(502, f"upstream unreachable ({url}): {short_error(exc)}") from None
         upstream_ms = (time.perf_counter() - t_up) * 1e3
         self.metrics.latency("upstream", upstream_ms)
         if r.status_code >= 500:
@@ -444,7 +425,7 @@ class Moderator:
                 content: Any = r.json()
             except ValueError:
                 content = {"detail": r.text[:1000]}
-            raise _Passthrough(JSONResponse(content, status_code=r.status_code))
+            raise UpstreamRefused(r.status_code, content)
         try:
             resp = r.json()
         except ValueError:
@@ -475,10 +456,7 @@ class Moderator:
         events = gate.events()
         try:
             first = await events.__anext__()
-        except UpstreamRefused as exc:
-            await events.aclose()
-            raise _Passthrough(JSONResponse(exc.content, status_code=exc.status)) from None
-        except BaseException:
+        except BaseException:  # a plain HTTP answer: an ApiError, or the upstream's 4xx as it came
             await events.aclose()
             raise
         finally:

@@ -44,9 +44,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from .admission import Admission, pair_cost
+from .flow import ModerationFlow
+from .http import RequestError, StageError, UpstreamRefused, message_text, moderation_choice, short_error
 from .routing import Moderation, route
-from .serve_core import (Admission, ModerationFlow, RequestError, ServeSettings, StageError, message_text,
-                         moderation_choice, pair_cost)
+from .settings import ServeSettings
 
 #: Between the released prefix and a final text that does not continue it (a correction that
 #: rewrote the beginning, the refusal text).
@@ -146,14 +148,6 @@ class UpstreamError(Exception):
         self.message, self.code = message, code
 
 
-class UpstreamRefused(Exception):
-    """The upstream answered the request with a 4xx: returned to the client as it came."""
-
-    def __init__(self, status: int, content: Any):
-        super().__init__(f"upstream answered {status}")
-        self.status, self.content = status, content
-
-
 class UpstreamStream:
     """One streamed chat completion request to an OpenAI-compatible upstream over an
     ``httpx.AsyncClient``: ``open`` (status checked), ``chunks`` (parsed ``data:`` events),
@@ -179,7 +173,7 @@ class UpstreamStream:
         except httpx.TimeoutException:
             raise RequestError(504, f"upstream timed out after {self.timeout_s} s ({self.url})") from None
         except httpx.HTTPError as exc:
-            raise RequestError(502, f"upstream unreachable ({self.url}): {_short(exc)}") from None
+            raise RequestError(502, f"upstream unreachable ({self.url}): {short_error(exc)}") from None
         self.upstream_ms = (time.perf_counter() - t) * 1e3
         r = self.response
         if r.status_code >= 400:
@@ -237,9 +231,9 @@ class UpstreamStream:
         except httpx.TimeoutException:
             raise UpstreamError(f"upstream stopped sending for {self.timeout_s} s", "upstream_timeout") from None
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream connection failed: {_short(exc)}", "upstream_error") from None
+            raise UpstreamError(f"upstream connection failed: {short_error(exc)}", "upstream_error") from None
         except ValueError as exc:
-            raise UpstreamError(f"upstream sent something that is not JSON: {_short(exc)}", "upstream_error") from None
+            raise UpstreamError(f"upstream sent something that is not JSON: {short_error(exc)}", "upstream_error") from None
 
     async def aclose(self) -> None:
         if self.response is not None:
@@ -282,11 +276,6 @@ def _completion_as_chunk(resp: Any) -> dict:
 def _stage_code(exc: StageError) -> str:
     """The error event's code for a check that got no score."""
     return "answer_not_scored" if exc.status == 422 else "inspector_unavailable"
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:limit]
 
 
 # ----------------------------------------------------------------------------- the gate

@@ -16,7 +16,9 @@ from conftest import REPO_ROOT
 from pipeline.batch import run_batch
 from pipeline.core import ModerationPipeline
 from pipeline.routing import STILL_FLAGGED, PipelineConfig
-from pipeline.serve_core import AlignerService, InspectorService, ModerationFlow, ServeSettings
+from pipeline.flow import ModerationFlow
+from pipeline.services import AlignerService, InspectorService
+from pipeline.settings import ServeSettings
 
 # (query, answer): what each answer does in the fakes below
 PAIRS = [

@@ -56,6 +56,7 @@ def declared():
 def third_party_imports(folders) -> dict[str, list[str]]:
     """Top-level third-party module names imported anywhere under ``folders`` -> where."""
     found: dict[str, list[str]] = {}
+    local = {p.stem for p in (REPO_ROOT / "tests").glob("*.py")}  # a test importing another's helpers
     for folder in folders:
         for path in sorted((REPO_ROOT / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -67,7 +68,7 @@ def third_party_imports(folders) -> dict[str, list[str]]:
                     continue
                 for name in names:
                     top = name.split(".")[0]
-                    if top in sys.stdlib_module_names or top in PACKAGES or top in ("conftest", "__future__"):
+                    if top in sys.stdlib_module_names or top in PACKAGES or top in local or top == "__future__":
                         continue
                     found.setdefault(top, []).append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
     return found
@@ -132,6 +133,25 @@ def test_scoring_does_not_import_ray_fastapi_or_matplotlib(tmp_path):
         env["PYTHONPATH"] = str(REPO_ROOT)
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_the_serve_ingress_imports_no_torch():
+    """Every Serve replica imports ``pipeline.serve``; the ingress (and its plain-Python modules)
+    must not pay for torch or transformers: only the model deployments load them, in their
+    constructors."""
+    code = textwrap.dedent("""
+        import sys
+        import pipeline.serve, pipeline.settings, pipeline.services, pipeline.admission
+        import pipeline.http, pipeline.metrics, pipeline.flow, pipeline.streaming
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers",
+                                                                      "sentence_transformers", "sklearn"))
+        assert not heavy, heavy
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 
 

@@ -9,9 +9,9 @@ deployed together.
   generate 1,800 tokens within a 0.2 s timeout (so it times out for real), and an ingress that takes
   one request at a time with one queued (so a burst gets 503s); its chat proxy exposes the
   original upstream text (``expose_original``).
-- ``lean``: no aligner, the default request limits (256 items x 20,000 characters), inspector
-  batches of at most 2,048 estimated tokens and a 60,000-token work budget: large requests, fair
-  service and shedding.
+- ``lean``: no aligner, lists of up to 256 items (the default is 64) of up to 20,000 characters,
+  inspector batches of at most 2,048 estimated tokens and a 60,000-token work budget: large
+  requests, fair service and shedding.
 - ``stalled``: an inspector that cannot answer within its timeout (its batches wait 30 s for
   company, the timeout is 1 s) while its replica is up: what /healthz must report, and a stream
   that cannot get its first check.
@@ -185,7 +185,8 @@ def served(ray_cluster, tiny_aligner, upstream, local_pipeline):
             "upstream_url": f"http://127.0.0.1:{upstream.server_port}/v1", "upstream_timeout_s": 1.0,
             "max_items": 5, "max_chars": 2000}
     lean = {**small, "aligner": "none", "inspector_timeout_s": 20, "inspector_batch_tokens": 2048,
-            "inspector_tokens_per_s": 6000}  # capacity = 6000 x 20 s x 0.5 = 60,000 estimated tokens
+            "inspector_tokens_per_s": 6000,  # capacity = 6000 x 20 s x 0.5 = 60,000 estimated tokens
+            "max_items": 256}  # so the 256-item body meets the token budget, not the item limit
     stalled = {**small, "aligner": "none", "inspector_batch_wait_s": 30, "inspector_timeout_s": 1,
                "upstream_url": f"http://127.0.0.1:{upstream.server_port}/v1"}
     stream = {**small, "aligner": "none", "fallback": "fail_closed", "refusal_text": STREAM_REFUSAL,
@@ -274,7 +275,7 @@ def test_list_keeps_order_and_bad_items_fail_alone(served):
     (b"", 400, "empty request body"),
     (b'"just a string"', 422, "expected a JSON object"),
     (b"[]", 422, "empty list"),
-    (json.dumps([{"query": "q", "answer": "a"}] * 6).encode(), 413, "limit is 5"),
+    (json.dumps([{"query": "q", "answer": "a"}] * 6).encode(), 413, "the limit is 5 (max_items)"),
     (b'{"query": "What is 2+2?"}', 422, "field 'answer' is missing"),
     (b'{"query": "What is 2+2?", "answer": 4}', 422, "must be a string"),
     (json.dumps({"query": "q", "answer": "x" * 2001}).encode(), 422, "too long"),

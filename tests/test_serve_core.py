@@ -1,5 +1,10 @@
-"""The plain-Python layer of the Serve deployment, without Ray: settings, the shipped Serve config,
-request parsing, the services, the ingress's decision flow and its metrics."""
+"""The plain-Python layer of the Serve deployment, without Ray: settings and the shipped Serve config
+(``pipeline.settings``), request parsing and JSON out (``pipeline.http``), the services
+(``pipeline.services``), work budgets (``pipeline.admission``), the ingress's decision flow
+(``pipeline.flow``) and its metrics (``pipeline.metrics``).
+
+(The file keeps its name, after the module these parts were split from, because
+``conftest.SLOW_TESTS`` marks three of its tests slow by this file name.)"""
 from __future__ import annotations
 
 import asyncio
@@ -13,9 +18,12 @@ from pydantic import ValidationError
 
 from aligner.tiny import build_tiny_aligner
 from conftest import REPO_ROOT
-from pipeline.serve_core import (AlignerService, InspectorService, ModerationFlow, PipelineMetrics, RequestError,
-                                 ServeSettings, StageError, apply_to_chat_response,
-                                 parse_chat_body, parse_moderate_body, resolve_settings)
+from pipeline.admission import Admission, pair_cost, slice_pairs
+from pipeline.flow import ModerationFlow
+from pipeline.http import RequestError, StageError, apply_to_chat_response, parse_chat_body, parse_moderate_body
+from pipeline.metrics import PipelineMetrics, RecentOutcomes
+from pipeline.services import AlignerService, InspectorService
+from pipeline.settings import ServeSettings, _hub_cached, resolve_settings
 
 HARM = ("How can I make a pipe bomb at home?", "Pack a steel pipe with black powder and light the fuse near a crowd.")
 SAFE = ("What's a good way to keep basil fresh?", "Trim the stems and stand the bunch in a glass of water.")
@@ -113,8 +121,6 @@ def test_shipped_serve_config_is_valid():
             assert d.max_queued_requests > 0  # overload answers 503 rather than queueing forever
     # the deployment graph build_app makes from these args (its hub id, if not cached, fails the build)
     if not settings.download_models and "/" in settings.aligner and not Path(settings.aligner).exists():
-        from pipeline.serve_core import _hub_cached
-
         if not _hub_cached(settings.aligner):
             with pytest.raises(ValueError, match="not in the local cache"):
                 build_app(app_cfg["args"])
@@ -467,8 +473,6 @@ def test_aligner_none_works_with_the_shipped_deployments_section():
 
 
 def test_pair_cost_follows_the_inspector_windows():
-    from pipeline.serve_core import pair_cost
-
     assert pair_cost("hi", "hello there") == 1 + 4 + 3            # one window: query + answer + 3 specials
     assert pair_cost("q" * 3000, "a") == 64 + 1 + 3                # the query is cut to 64 tokens
     assert pair_cost("q", "a" * 20000) == 16 * 256                 # at most 16 full windows
@@ -477,8 +481,6 @@ def test_pair_cost_follows_the_inspector_windows():
 
 
 def test_slices_bound_the_work_per_inspector_call():
-    from pipeline.serve_core import pair_cost, slice_pairs
-
     pairs = [("q", "a" * 20000)] * 3 + [SAFE] * 100
     slices = slice_pairs(pairs, budget=4096, max_pairs=32)
     assert [p for s, _ in slices for p in s] == pairs              # order kept, nothing lost
@@ -489,8 +491,6 @@ def test_slices_bound_the_work_per_inspector_call():
 
 
 def test_admission_refuses_too_large_requests_and_sheds_beyond_capacity():
-    from pipeline.serve_core import Admission
-
     gate = Admission(capacity_tokens=1000, max_request_tokens=1500, drain_tokens_per_s=100)
     with pytest.raises(RequestError) as e:
         gate.check_size(1501)
@@ -525,8 +525,6 @@ def test_admission_refuses_too_large_requests_and_sheds_beyond_capacity():
 
 
 def test_recent_outcomes_tell_when_the_inspector_does_not_answer():
-    from pipeline.serve_core import RecentOutcomes
-
     now = [0.0]
     recent = RecentOutcomes(window_s=30, min_calls=5, max_failure_share=0.5, clock=lambda: now[0])
     for _ in range(4):
@@ -556,7 +554,75 @@ def test_queue_limits_and_request_timeout_are_derived_from_the_settings():
     with pytest.raises(ValidationError, match="request_timeout_s"):
         ServeSettings(request_timeout_s=5, inspector_timeout_s=10)
     # the issue's body (256 items x 20,000 characters) is far above the default budget: 413 at once
-    from pipeline.serve_core import pair_cost
-
     assert 256 * pair_cost("q" * 20000, "a" * 20000) > s.request_token_budget()
-    assert 256 * pair_cost(*SAFE) <= s.request_token_budget()     # a full list of chat pairs fits
+
+
+def test_a_full_list_of_chat_pairs_fits_the_work_budget():
+    """max_items follows the work budget (both defaults and the shipped config): a list of max_items
+    typical chat pairs (the example logs' mean cost) is admitted, so the limit a client meets with
+    chat-sized pairs is the item count, named in a 413."""
+    rows = [json.loads(line) for line in (REPO_ROOT / "examples" / "chat_logs.jsonl").read_text().splitlines()]
+    costs = [pair_cost(r["query"], r["answer"]) for r in rows
+             if isinstance(r.get("query"), str) and isinstance(r.get("answer"), str)]
+    assert len(costs) >= 20
+    typical = sum(costs) / len(costs)
+    shipped = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+    for s in (ServeSettings(), ServeSettings.model_validate(shipped)):
+        assert s.max_items * typical <= s.request_token_budget(), (s.max_items, typical, s.request_token_budget())
+        body = json.dumps([{"query": "q", "answer": "a"}] * (s.max_items + 1)).encode()
+        with pytest.raises(RequestError) as e:
+            parse_moderate_body(body, s.max_items, s.max_chars)
+        assert e.value.status == 413
+        assert f"{s.max_items + 1} items in one request; the limit is {s.max_items} (max_items)" in e.value.detail
+        full = json.dumps([{"query": "q", "answer": "a"}] * s.max_items).encode()
+        assert len(parse_moderate_body(full, s.max_items, s.max_chars)[1]) == s.max_items
+
+
+def test_errors_are_answered_by_the_apps_exception_handlers():
+    """Endpoints raise; the handlers answer every error in one shape: {"detail"}, the status, and
+    Retry-After for a shed request; the upstream's 4xx goes back as it came."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from pipeline.http import ApiError, UpstreamRefused, add_error_handlers
+
+    app = FastAPI()
+    add_error_handlers(app)
+    raised = {"bad": RequestError(422, "field 'answer' is missing"),
+              "shed": StageError("admission", "overloaded: retry later", retry_after_s=3),
+              "down": StageError("inspector", "inspector timed out after 5 s"),
+              "late": ApiError(504, "the request took longer than request_timeout_s (30 s)"),
+              "refused": UpstreamRefused(401, {"error": {"message": "bad key"}})}
+
+    @app.get("/{what}")
+    async def fail(what: str):
+        raise raised[what]
+
+    client = TestClient(app)
+    for what, status, body in (("bad", 422, {"detail": "field 'answer' is missing"}),
+                               ("shed", 503, {"detail": "overloaded: retry later"}),
+                               ("down", 503, {"detail": "inspector timed out after 5 s"}),
+                               ("late", 504, {"detail": "the request took longer than request_timeout_s (30 s)"}),
+                               ("refused", 401, {"error": {"message": "bad key"}})):
+        r = client.get(f"/{what}")
+        assert (r.status_code, r.json()) == (status, body), what
+        assert r.headers.get("retry-after") == ("3" if what == "shed" else None), what
+
+
+def test_inspector_embedder_follows_resolve_embedders_rule(tmp_path):
+    """Only resolve_embedder's packaged name counts as packaged; any other packaged:* name cannot
+    load (it is not a folder, nor a hub id) and fails the build with a clear message."""
+    from inspector import DEFAULT_MODEL_DIR
+    from inspector.encoder import DEFAULT_EMBEDDER
+
+    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    for embedder in (DEFAULT_EMBEDDER, None):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "embedder": embedder}))
+        resolve_settings({"inspector": str(tmp_path), "aligner": "none"})
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "embedder": "packaged:all-mpnet-base-v2"}))
+    with pytest.raises(ValueError, match="'packaged:all-mpnet-base-v2'.*not a packaged model.*"
+                                         "'packaged:all-MiniLM-L6-v2'"):
+        resolve_settings({"inspector": str(tmp_path), "aligner": "none"})
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "embedder": str(tmp_path / "no-such-folder")}))
+    with pytest.raises(ValueError, match="no-such-folder.*is missing"):
+        resolve_settings({"inspector": str(tmp_path), "aligner": "none"})

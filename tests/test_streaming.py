@@ -15,8 +15,11 @@ import httpx
 import pytest
 
 from aligner.results import CorrectionResult, Reason
-from pipeline.serve_core import Admission, ModerationFlow, RequestError, ServeSettings, StageError
-from pipeline.streaming import CONTINUATION_SEPARATOR, CheckPolicy, StreamGate, UpstreamRefused, UpstreamStream
+from pipeline.admission import Admission
+from pipeline.flow import ModerationFlow
+from pipeline.http import RequestError, StageError, UpstreamRefused
+from pipeline.settings import ServeSettings
+from pipeline.streaming import CONTINUATION_SEPARATOR, CheckPolicy, StreamGate, UpstreamStream
 
 # ----------------------------------------------------------------------------- texts
 BENIGN_Q = "Any tips for keeping basil fresh?"  # not test_serve.LOW[0]: each query scripts its own stream

@@ -157,13 +157,17 @@ def test_long_answers_are_windowed_and_max_pooled(default_inspector):
         assert ids[1:1 + len(q_ids)] == q_ids  # every window carries the query
     emb = enc.embed_chunks(chunks)
     head = default_inspector.head
-    d = np.asarray(head.decision_function(emb)).reshape(len(emb), -1)  # a column per member
-    # each member's worst window, calibrated; members averaged (one member: the max window probability)
-    per_member = [1 / (1 + np.exp(-(h.platt_a_ * d[owner == 0, k].max() + h.platt_b_)))
+    # every row the score is a maximum over: windows, then (span_pooling "sentences") sentence runs
+    rows, row_window = zip(*enc.iter_embeddings(chunks))
+    rows, row_owner = np.concatenate(rows), owner[np.concatenate(row_window)]
+    assert len(rows) >= len(emb) and set(np.concatenate(row_window)) == set(range(len(emb)))
+    d = np.asarray(head.decision_function(rows)).reshape(len(rows), -1)  # a column per member
+    # each member's worst row, calibrated; members averaged (one member: the max row probability)
+    per_member = [1 / (1 + np.exp(-(h.platt_a_ * d[row_owner == 0, k].max() + h.platt_b_)))
                   for k, h in enumerate(getattr(head, "heads", [head]))]
     pair_p = default_inspector.score(["How do I garden?", "short?"], [long_answer, "Yes."])
     assert pair_p[0] == pytest.approx(np.mean(per_member), abs=1e-6)
-    assert pair_p[0] >= head.predict_proba(emb[owner == 0][:1])[0, 1] - 1e-6  # not just the first window
+    assert pair_p[0] >= head.predict_proba(emb[owner == 0]).max(axis=0)[1] - 1e-6  # at least every window
 
 
 def test_long_query_keeps_head_and_tail():

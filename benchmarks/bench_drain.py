@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -34,16 +33,9 @@ SHARED = ROOT.parent / "shared" / "data" / "labeled_pairs.jsonl"
 
 
 def load_pairs(path: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    from pipeline.tables import extract_pair
+    from bench_inspector import load_pairs as load_columns  # benchmarks/ is on sys.path as a script
 
-    pairs = []
-    for line in path.open(encoding="utf-8"):
-        try:
-            pairs.append(extract_pair(json.loads(line)))
-        except ValueError:
-            continue
-    random.Random(seed).shuffle(pairs)
-    return (pairs * (n // max(1, len(pairs)) + 1))[:n]
+    return list(zip(*load_columns(path, n, seed)))
 
 
 def drain(service, pairs, batch_tokens: int, max_seconds: float) -> dict:

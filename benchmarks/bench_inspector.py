@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def load_pairs(path: Path, n: int) -> tuple[list[str], list[str]]:
-    from pipeline.batch import extract_pair
+def load_pairs(path: Path, n: int, seed: int | None = None) -> tuple[list[str], list[str]]:
+    """``n`` readable pairs of a JSONL file, repeated if it has fewer; shuffled first with ``seed``."""
+    import random
+
+    from pipeline.tables import extract_pair
 
     pairs = []
     for line in path.open(encoding="utf-8"):
@@ -32,7 +35,9 @@ def load_pairs(path: Path, n: int) -> tuple[list[str], list[str]]:
             pairs.append(extract_pair(json.loads(line)))
         except ValueError:
             continue
-    pairs = (pairs * (n // len(pairs) + 1))[:n]
+    if seed is not None:
+        random.Random(seed).shuffle(pairs)
+    pairs = (pairs * (n // max(1, len(pairs)) + 1))[:n]
     return [q for q, _ in pairs], [a for _, a in pairs]
 
 

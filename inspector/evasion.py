@@ -10,12 +10,14 @@ An attacker controls the answer's length and text. Three cheap tricks against an
 Defences: ``text.normalize_text`` undoes the character tricks before tokenising (every score, training
 and serving); training adds diluted and injected copies of training pairs (``augment_pairs``, with
 other filler and verdict wording than the suite's) so the adapter learns that filler does not cancel
-harm; the score is the maximum over windows and over every run of whole sentences inside them
-(``PairRecipe.span_pooling = "sentences"``, pooled from the same pass), so filler inside a window no
-longer averages a harmful run away. What is left: the run's tokens are still contextualised by the
-filler around them, and heavy filler (a dozen repeats of a sentence) still washes most harm out;
-scoring sentences in passes of their own resists that but costs several passes and loses much of the
-inspector's accuracy (measured: model card). ``evasion_suite`` measures what is left: of the harmful
+harm, and on the sentence runs the score pools (the original answer inside a copy keeps its label:
+``inspector.train._Run.run_examples``); the score is the maximum over windows and over every run of
+whole sentences inside them (``PairRecipe.span_pooling = "sentences"``, pooled from the same pass),
+so filler inside a window no longer averages a harmful run away. What is left: a run's tokens are
+still contextualised by the filler around them in the frozen lower layers, so heavy filler after
+the answer still washes some harm out; shorter windows resist that and cost recall, scoring
+sentences in passes of their own costs several passes and much accuracy (measured: model card).
+``evasion_suite`` measures what is left: of the harmful
 answers the inspector flags as they are, the share that stays flagged under each variant.
 """
 from __future__ import annotations
@@ -97,11 +99,15 @@ def evasion_suite(inspector, queries: Sequence[str], answers: Sequence[str], fil
 
 
 def augment_pairs(answers: Sequence[str], filler: Sequence[str], share: float = 0.2,
-                  max_answer_chars: int = 600, seed: int = 0) -> list[tuple[int, str]]:
+                  max_answer_chars: int = 600, max_total_chars: int = 900, seed: int = 0) -> list[tuple[int, str]]:
     """Diluted and injected copies of some training answers, as (index of the original, new answer):
     the copy keeps the original's query and label (filler does not make a harmful answer safe, nor a
-    safe one harmful). Only short answers, so a copy still fits one window with its filler. Wording
-    differs from the suite's (``TRAIN_VERDICTS``)."""
+    safe one harmful). Six kinds in turn: mixed filler before / after (1-12 sentences), one filler
+    sentence repeated before / after (3-20 times), a "this is safe" verdict after / before. Only
+    answers of at most ``max_answer_chars``, and filler is cut to keep a copy within
+    ``max_total_chars``, so that most copies still fit one window with their filler. Wording differs
+    from the suite's (``TRAIN_VERDICTS``), and the filler should come from other answers than the
+    suite's."""
     rng = np.random.default_rng(seed)
     short = [i for i, a in enumerate(answers) if len(a) <= max_answer_chars]
     if not short or not len(filler) or share <= 0:
@@ -110,16 +116,25 @@ def augment_pairs(answers: Sequence[str], filler: Sequence[str], share: float = 
     out = []
     for n, i in enumerate(picks):
         a = answers[i]
-        pad = " ".join(rng.choice(filler, size=int(rng.integers(1, 4))))
-        kind = n % 4
-        if kind == 0:
-            a2 = f"{pad} {a}"
-        elif kind == 1:
-            a2 = f"{a} {pad}"
-        elif kind == 2:
-            a2 = f"{a}\n\n{TRAIN_VERDICTS[int(rng.integers(len(TRAIN_VERDICTS)))]}"
+        room = max(0, max_total_chars - len(a) - 1)
+        kind = n % 6
+        if kind in (0, 1):
+            pad = [str(x) for x in rng.choice(filler, size=int(rng.integers(1, 13)))]
+        elif kind in (2, 3):
+            pad = [str(rng.choice(filler))] * int(rng.integers(3, 21))
         else:
-            a2 = " ".join([str(rng.choice(filler))] * int(rng.integers(3, 8))) + " " + a
+            pad = [TRAIN_VERDICTS[int(rng.integers(len(TRAIN_VERDICTS)))]]
+        while len(pad) > 1 and len(" ".join(pad)) > room:
+            pad.pop()
+        pad_text = " ".join(pad)
+        if kind in (0, 2):
+            a2 = f"{pad_text} {a}"
+        elif kind in (1, 3):
+            a2 = f"{a} {pad_text}"
+        elif kind == 4:
+            a2 = f"{a}\n\n{pad_text}"
+        else:
+            a2 = f"{pad_text}\n\n{a}"
         out.append((int(i), a2))
     return out
 

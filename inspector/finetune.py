@@ -70,10 +70,29 @@ class TopLayerFinetuner:
                     cache[j] = hidden[row, :len(input_ids[j])].to(torch.bfloat16).clone()
         return cache
 
-    def _upper(self, hidden, mask):
-        """Top layers + the sentence-transformers pooling/normalising modules."""
+    def _upper(self, hidden, mask, pool_mask=None):
+        """Top layers + the sentence-transformers pooling/normalising modules; ``pool_mask`` (default
+        the attention mask) picks the tokens pooled, e.g. a sentence run with its query part."""
         tf = self.encoder.transformer
-        return self.encoder.pool(run_layers(tf, transformer_layers(tf)[self.start:], hidden, mask), mask)
+        states = run_layers(tf, transformer_layers(tf)[self.start:], hidden, mask)
+        return self.encoder.pool(states, mask if pool_mask is None else pool_mask)
+
+    @staticmethod
+    def _pool_mask(mask, spans, rows):
+        """Pooling mask for examples ``rows``: a span (answer start, run start, run end) pools the
+        window's query part ([CLS] query [SEP]), the run and the closing [SEP], as ``PairEncoder``
+        does for sentence runs at scoring time; a span with answer start -1 is the whole window."""
+        if spans is None:
+            return None
+        pool = mask.clone()
+        for r, (a0, s, e) in enumerate(spans[rows]):
+            if a0 >= 0:
+                last = int(mask[r].sum()) - 1
+                pool[r] = 0
+                pool[r, :a0] = 1
+                pool[r, s:e] = 1
+                pool[r, last] = 1
+        return pool
 
     @staticmethod
     def _pad(cache, idx):
@@ -87,8 +106,10 @@ class TopLayerFinetuner:
             mask[row, :n] = 1
         return hidden, mask
 
-    def embed_cached(self, cache, windows: np.ndarray, show_progress: bool = False) -> np.ndarray:
-        """Embeddings of the given windows through the (current) top layers; equals a full pass."""
+    def embed_cached(self, cache, windows: np.ndarray, show_progress: bool = False,
+                     spans: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings of the given windows (or of their ``spans``, see ``_pool_mask``) through the
+        (current) top layers; equals a full pass."""
         import torch
         from tqdm.auto import tqdm
 
@@ -101,7 +122,7 @@ class TopLayerFinetuner:
                           disable=not show_progress):
                 pos = order[i:i + bs]
                 hidden, mask = self._pad(cache, windows[pos])
-                out[pos] = self._upper(hidden, mask).float().numpy()
+                out[pos] = self._upper(hidden, mask, self._pool_mask(mask, spans, pos)).float().numpy()
         return out
 
     def reset(self) -> None:
@@ -111,9 +132,11 @@ class TopLayerFinetuner:
             self.peft_model = None
 
     def fit(self, cache, windows: np.ndarray, labels, show_progress: bool = True,
-            epochs: int | None = None) -> dict:
+            epochs: int | None = None, spans: np.ndarray | None = None) -> dict:
         """Train a fresh adapter on the cached ``windows`` (for ``epochs``, default the config's);
-        returns per-epoch mean training loss."""
+        with ``spans`` (one (answer start, run start, run end) row per example, answer start -1 for
+        the whole window) some examples are sentence runs pooled from their window's pass, so the
+        adapter learns to keep a run's verdict whatever surrounds it. Returns per-epoch mean loss."""
         import torch
         from peft import LoraConfig, get_peft_model
         from tqdm.auto import tqdm
@@ -124,6 +147,7 @@ class TopLayerFinetuner:
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         windows = np.asarray(windows)
+        spans = None if spans is None else np.asarray(spans, dtype=np.int64)
         y = torch.tensor(np.asarray(labels, dtype=np.float32))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=["query", "key", "value", "dense"],
@@ -163,7 +187,7 @@ class TopLayerFinetuner:
                        disable=not show_progress)
             for idx in bar:
                 hidden, mask = self._pad(cache, windows[idx])
-                logits = scale * probe(self._upper(hidden, mask)).squeeze(-1)
+                logits = scale * probe(self._upper(hidden, mask, self._pool_mask(mask, spans, idx))).squeeze(-1)
                 loss = loss_fn(logits, y[idx])
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -11,7 +11,7 @@ shipped model, to keep a full build within about an hour on 2 CPU cores; the con
 
 The default inspector shipped in the package is built by::
 
-    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --epochs 4 --members 3 --holdout-sources all --holdout-epochs 1 --seed 0
+    python -m inspector.train --shared-data ../shared/data --out inspector/default_model --epochs 2 --members 1 --augment 0.3 --span-pooling sentences --threshold-rule balanced --target-fpr 0.05 --seed 0
 
 (``make inspector``); ``--shared-data`` reads the shared folder plus the project-written pairs in
 ``inspector/training_data/``.
@@ -49,7 +49,7 @@ class _Run:
     the calibration and the test figures all read the same arrays."""
 
     def __init__(self, df: pd.DataFrame, encoder: PairEncoder, ft: FinetuneConfig, show_progress: bool,
-                 threshold_rule: str = "pooled"):
+                 threshold_rule: str = "pooled", originals: dict[int, str] | None = None, seed: int = 0):
         self.df, self.encoder, self.ft_cfg = df, encoder, ft
         self.threshold_rule = threshold_rule
         self.chunks = encoder.chunk(df["query"].tolist(), df["answer"].tolist())
@@ -58,6 +58,10 @@ class _Run:
         self.all_windows = np.arange(len(owner))
         self.show = show_progress
         self.tuner = None
+        # sentence-run examples (trained on only when runs are scored, and only with an adapter)
+        self.runs = self.run_examples(originals or {}, seed) \
+            if ft.train_layers > 0 and encoder.recipe.span_pooling == "sentences" else None
+        self.run_member_emb: list[np.ndarray] = []
         if ft.train_layers > 0:
             self.tuner = TopLayerFinetuner(encoder, ft)
             self.cache = self.tuner.cache_lower(self.chunks.input_ids, self.chunks.token_type_ids,
@@ -65,6 +69,48 @@ class _Run:
             self.member_emb: list[np.ndarray] = []  # filled by fit
         else:
             self.member_emb = [encoder.embed_chunks(self.chunks, show_progress=show_progress)]
+
+    def run_examples(self, originals: dict[int, str], seed: int, benign_share: float = 0.25) -> dict:
+        """Sentence runs to train on, as the score pools them (``PairEncoder.sentence_runs``):
+        in a diluted / injected copy (row -> its original answer in ``originals``), the run that is
+        the original answer, with the pair's label: the filler around it must not change its verdict;
+        in ``benign_share`` of the aligned pairs, one random run of the first window, labelled aligned:
+        a part of an aligned answer is no reason to route it. Returns arrays row / window / span
+        (answer start, run start, run end) / label."""
+        rng = np.random.default_rng(seed)
+        enc, ch, y = self.encoder, self.chunks, self.df["label"].to_numpy()
+        answers = self.df["answer"].tolist()
+        rows, spans = [], []
+        for r, original in originals.items():
+            w = self.first_window[r]
+            ids, types = ch.input_ids[w], ch.token_type_ids[w]
+            a0 = types.index(1)
+            k = answers[r].find(original)
+            n_pre = len(enc._ids([answers[r][:k]])[0]) if k > 0 else 0
+            target = enc._ids([original])[0]
+            s = a0 + n_pre
+            if k < 0 or s + len(target) > len(ids) - 1 or ids[s:s + len(target)] != target:
+                continue  # the original does not lie whole in the first window: no run example
+            rows.append(r)
+            spans.append((a0, s, s + len(target)))
+        for r in np.flatnonzero(y == 0):
+            if r in originals or rng.random() >= benign_share:
+                continue
+            w = self.first_window[r]
+            runs = enc.sentence_runs(ch.input_ids[w], ch.token_type_ids[w])
+            if runs:
+                s, e = runs[int(rng.integers(len(runs)))]
+                rows.append(int(r))
+                spans.append((ch.token_type_ids[w].index(1), s, e))
+        rows = np.asarray(rows, dtype=np.int64)
+        return {"row": rows, "window": self.first_window[rows], "label": y[rows],
+                "span": np.asarray(spans, dtype=np.int64).reshape(-1, 3)}
+
+    def _runs_of(self, train: np.ndarray) -> np.ndarray:
+        """Indexes into ``self.runs`` of the run examples of training pairs ``train``."""
+        if self.runs is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(np.isin(self.runs["row"], train))
 
     def windows_of(self, rows: np.ndarray) -> np.ndarray:
         return np.flatnonzero(np.isin(self.chunks.pair_index, rows))
@@ -77,24 +123,49 @@ class _Run:
         """Train ``members`` adapters (seeds seed, seed+1, ...) on the training pairs' first windows,
         saving each to ``save_to`` (``adapter/``, or ``adapters/member-K/`` for an ensemble)."""
         y = self.df["label"].to_numpy()
-        base, losses, self.member_emb = self.tuner.config, [], []
+        windows, labels, spans = self.first_window[train], y[train], None
+        picked = self._runs_of(train)
+        if len(picked):
+            whole = np.full((len(train), 3), -1, dtype=np.int64)
+            windows = np.concatenate([windows, self.runs["window"][picked]])
+            labels = np.concatenate([labels, self.runs["label"][picked]])
+            spans = np.concatenate([whole, self.runs["span"][picked]])
+        base, losses, self.member_emb, self.run_member_emb = self.tuner.config, [], [], []
         for k in range(members):
             self.tuner.config = replace(base, seed=base.seed + k)
-            hist = self.tuner.fit(self.cache, self.first_window[train], y[train], self.show, epochs=epochs)
+            hist = self.tuner.fit(self.cache, windows, labels, self.show, epochs=epochs, spans=spans)
             losses.append(hist["train_loss_by_epoch"])
             if save_to is not None:
                 self.tuner.save_adapter(adapter_dirs(save_to, members)[k])
             self.member_emb.append(self.tuner.embed_cached(self.cache, self.all_windows, self.show))
+            self._embed_runs()
             self.tuner.reset()
         self.tuner.config = base
         if members == 1:
             return {"train_loss_by_epoch": losses[0]}
         return {"train_loss_by_member": {f"member_{k}": loss for k, loss in enumerate(losses)}}
 
+    def _embed_runs(self) -> None:
+        if self.runs is not None and len(self.runs["row"]):
+            self.run_member_emb.append(self.tuner.embed_cached(self.cache, self.runs["window"],
+                                                               spans=self.runs["span"]))
+
     def frozen(self) -> None:
         """Back to the embedder without adapters."""
         self.tuner.reset()
         self.member_emb = [self.tuner.embed_cached(self.cache, self.all_windows)]
+        self.run_member_emb = []
+        self._embed_runs()
+
+    def head_examples(self, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head's training rows: each training pair's first window, plus its run examples."""
+        y = self.df["label"].to_numpy()
+        x, labels = self.embed(self.first_window[train]), y[train]
+        picked = self._runs_of(train)
+        if len(picked) and self.run_member_emb:
+            runs = np.concatenate([e[picked] for e in self.run_member_emb], axis=1)
+            x, labels = np.concatenate([x, runs]), np.concatenate([labels, self.runs["label"][picked]])
+        return x, labels
 
     def fit(self, train: np.ndarray, cal: np.ndarray, target_fpr: float, adapt: bool = True,
             epochs: int | None = None, members: int = 1, save_to: Path | None = None):
@@ -106,7 +177,7 @@ class _Run:
                 info = self.adapt(train, members, epochs, save_to)
             else:
                 self.frozen()
-        head = make_head(len(self.member_emb)).fit(self.embed(self.first_window[train]), y[train])
+        head = make_head(len(self.member_emb)).fit(*self.head_examples(train))
         d_cal = self.pair_decisions(head, cal)
         try:
             head.calibrate(d_cal, y[cal])
@@ -157,15 +228,18 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
     # appended after the real pairs so calibration and test rows keep their numbers
     extra = augmented_rows(df, train, augment, seed) if augment else df.iloc[:0]
     data = pd.concat([df, extra], ignore_index=True)
+    originals = {len(df) + k: a for k, a in enumerate(extra["original_answer"])} if len(extra) else {}
+    data = data.drop(columns=["original_answer"], errors="ignore")
     train = np.concatenate([train, np.arange(len(df), len(data))])
     src = data["source"].to_numpy()
     with staged_folder(out) as folder:
         encoder = PairEncoder(embedder, recipe=recipe)
-        run = _Run(data, encoder, ft, show_progress, threshold_rule)
+        run = _Run(data, encoder, ft, show_progress, threshold_rule, originals, seed)
         y = data["label"].to_numpy()
         report: dict = {"rows": len(df), "split": {"train": len(train) - len(extra), "calibration": len(cal),
                                                    "test": len(test), "seed": seed},
-                        "augmented_train_pairs": len(extra)}
+                        "augmented_train_pairs": len(extra),
+                        "run_examples": 0 if run.runs is None else int(len(run._runs_of(train)))}
 
         if baseline and ft.train_layers > 0:
             head, thr, _ = run.fit(train, cal, target_fpr, adapt=False)
@@ -233,6 +307,7 @@ def augmented_rows(df: pd.DataFrame, train: np.ndarray, share: float, seed: int)
     filler = sentences(df["answer"].to_numpy()[train[y[train] == 0]])
     picked = augment_pairs(df["answer"].to_numpy()[train].tolist(), filler, share=share, seed=seed)
     rows = df.iloc[[train[i] for i, _ in picked]].copy()
+    rows["original_answer"] = rows["answer"]
     rows["answer"] = [a for _, a in picked]
     return rows.reset_index(drop=True)
 

@@ -277,6 +277,63 @@ def test_cached_top_layers_equal_a_full_pass(examples):
     np.testing.assert_allclose(adapted, enc.embed_chunks(chunks), rtol=0, atol=atol)
 
 
+def test_cached_runs_pool_like_the_runs_scored(examples):
+    """Training pools a sentence run from the cached lower layers exactly as scoring pools it from a
+    full pass (``PairEncoder._pool_runs``): the adapter learns on the embeddings it will serve."""
+    import torch
+
+    enc = PairEncoder(recipe=PairRecipe(span_pooling="sentences"))
+    tuner = TopLayerFinetuner(enc, FinetuneConfig(train_layers=2))
+    sub = examples.head(12)
+    chunks = enc.chunk(sub["query"].tolist(), sub["answer"].tolist())
+    cache = tuner.cache_lower(chunks.input_ids, chunks.token_type_ids, show_progress=False)
+    windows, spans, expected = [], [], []
+    with torch.inference_mode():
+        for w, (ids, types) in enumerate(zip(chunks.input_ids, chunks.token_type_ids)):
+            runs = enc.sentence_runs(ids, types)
+            if not runs:
+                continue
+            feats = enc.collate([ids], [types])
+            (h,) = enc._member_states(feats)
+            a0 = types.index(1)
+            for s, e in runs[:3]:
+                windows.append(w)
+                spans.append((a0, s, e))
+                expected.append(enc._pool_runs(h, [len(ids)], [a0], [(0, s, e)])[0].numpy())
+    assert len(windows) >= 10
+    got = tuner.embed_cached(cache, np.asarray(windows), spans=np.asarray(spans))
+    np.testing.assert_allclose(got, np.stack(expected), rtol=0, atol=2e-3)  # bf16 cache: see above
+    whole = tuner.embed_cached(cache, np.asarray(windows), spans=np.full((len(windows), 3), -1))
+    np.testing.assert_allclose(whole, tuner.embed_cached(cache, np.asarray(windows)), atol=1e-6)
+
+
+def test_run_examples_are_the_original_inside_its_diluted_copy(examples):
+    """A diluted copy trains on the run that is its original answer (same label); aligned pairs add
+    random runs labelled aligned; a copy whose original does not fit its first window adds none."""
+    from inspector.train import _Run
+
+    enc = PairEncoder(recipe=PairRecipe(span_pooling="sentences", max_length=128))
+    filler = "The museum opens at nine and the cafe serves soup on Tuesdays."
+    base = examples.head(40).reset_index(drop=True)
+    copies = pd.DataFrame({"query": [HARMFUL_Q] * 3, "label": [1, 1, 0], "source": ["x"] * 3,
+                           "answer": [f"{filler} {COMPLY}", f"{COMPLY}\n\n{filler} {filler}",
+                                      " ".join([filler] * 20) + " " + REFUSE]})
+    df = pd.concat([base, copies], ignore_index=True)
+    n = len(base)
+    originals = {n: COMPLY, n + 1: COMPLY, n + 2: REFUSE}
+    run = _Run(df, enc, FinetuneConfig(train_layers=1), False, originals=originals, seed=0)
+    rows = run.runs["row"].tolist()
+    assert n in rows and n + 1 in rows and n + 2 not in rows  # REFUSE lies past the first window
+    target = enc._ids([COMPLY])[0]
+    for r in (n, n + 1):
+        k = rows.index(r)
+        _, s, e = run.runs["span"][k]
+        assert run.chunks.input_ids[run.runs["window"][k]][s:e] == target and run.runs["label"][k] == 1
+    benign = [r for r in rows if r < n]
+    assert benign and all(df["label"][r] == 0 for r in benign)
+    assert list(run._runs_of(np.arange(n))) == [rows.index(r) for r in benign]
+
+
 @pytest.fixture(scope="module")
 def project_pairs() -> pd.DataFrame:
     return load_labelled([PROJECT_PAIRS])

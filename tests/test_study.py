@@ -216,6 +216,27 @@ def test_evasion_suite_on_the_bundled_inspector(default_inspector):
         assert 0.0 <= r["still_flagged"] <= 1.0 and 0.0 <= r["mean_score"] <= 1.0, name
 
 
+@pytest.mark.slow  # 300 harmful test answers x 8 attacks, about 4 minutes
+def test_evasion_figures_reproduce_and_are_the_readmes(shared_data, tmp_path):
+    """``make evasion`` on the real test split gives the committed figures
+    (experiments/loso/evasion.json), and the README's evasion table shows them."""
+    from conftest import REPO_ROOT
+    from inspector.evasion import main
+
+    committed = json.loads((REPO_ROOT / "experiments" / "loso" / "evasion.json").read_text())
+    out = tmp_path / "evasion.json"
+    assert main(["--test-split", str(shared_data), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert abs(got["flagged_as_is"] - committed["flagged_as_is"]) <= 1
+    readme = (REPO_ROOT / "README.md").read_text()
+    for name, want in committed["attacks"].items():
+        # one pair near the threshold may flip between machines: one pair's share of slack
+        assert got["attacks"][name]["still_flagged"] == pytest.approx(want["still_flagged"],
+                                                                       abs=1.01 / committed["flagged_as_is"]), name
+        share = f"{100 * want['still_flagged']:.1f}%".replace(".0%", "%")
+        assert share in readme, (name, share)
+
+
 def test_the_default_build_uses_the_studied_recipe():
     """One source of truth: the study's default recipe is the data selection the build makes."""
     from inspector.data import DEFAULT_CAP_PER_SOURCE, DEFAULT_EXCLUDED_SOURCES

@@ -229,6 +229,7 @@ def test_evasion_figures_reproduce_and_are_the_readmes(shared_data, tmp_path):
     got = json.loads(out.read_text())
     assert abs(got["flagged_as_is"] - committed["flagged_as_is"]) <= 1
     readme = (REPO_ROOT / "README.md").read_text()
+    readme = readme[readme.index("**Evasion.**"):readme.index("**Training your own.**")]  # the evasion table
     for name, want in committed["attacks"].items():
         # one pair near the threshold may flip between machines: one pair's share of slack
         assert got["attacks"][name]["still_flagged"] == pytest.approx(want["still_flagged"],

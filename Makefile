@@ -29,7 +29,7 @@ test-fast: setup
 # Rebuild the bundled default inspector from the real data (same data + seed = same metrics).
 # Data choice (sources left out, 2,500 pairs per source at most) and threshold rule: inspector/default_model/README.md.
 inspector: setup
-	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 2 --members 1 --augment 0.3 --span-pooling sentences --threshold-rule balanced --target-fpr 0.05 --seed 0
+	$(PY) -m inspector.train --shared-data $(DATA) --out inspector/default_model --epochs 2 --members 1 --augment 0.3 --span-pooling sentences --edge-length 128 --edge-margin 0.4 --threshold-rule balanced --target-fpr 0.05 --seed 0
 
 # Leave-one-source-out study of the data / threshold recipes (frozen features; ~10 min to embed the first time, then ~6 min).
 loso: setup

@@ -1,5 +1,6 @@
 """Inspector throughput: ``Inspector.score`` beside raw ``SentenceTransformer.encode`` on the same
-pairs, in one run (the machine is noisy, so the ratio is the figure), plus the batch job's rows/s,
+pairs, in one run (the machine is noisy, so the ratio is the figure), what the edge windows cost
+(the same model scored without them), plus the batch job's rows/s,
 and the int8-quantised inspector (``Inspector.load(int8=True)``): its speed and how far its scores
 and flags move from the float32 ones on the same pairs.
 
@@ -76,6 +77,16 @@ def main() -> None:
     t_raw = timed(lambda: st.encode(texts, batch_size=args.batch_size))
     t_insp = timed(lambda: insp.score(queries, answers))
     t_one = timed(lambda: [insp.score([q], [a]) for q, a in zip(queries[:32], answers[:32])], 1) / 32
+    edges = {}
+    if insp.encoder.recipe.edge_length:  # what the edge windows (dilution defence) cost, same run
+        import dataclasses
+
+        recipe = insp.encoder.recipe
+        insp.encoder.recipe = dataclasses.replace(recipe, edge_length=0)
+        t_plain = timed(lambda: insp.score(queries, answers))
+        insp.encoder.recipe = recipe
+        edges = {"without_edge_windows_pairs_per_s": round(len(queries) / t_plain, 1),
+                 "edge_windows_time_ratio": round(t_insp / t_plain, 3)}
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "logs.jsonl"
@@ -107,6 +118,7 @@ def main() -> None:
         "inspector_score_pairs_per_s": round(n / t_insp, 1),
         "inspector_vs_raw_ratio": round(t_raw / t_insp, 3),
         "inspector_single_pair_ms": round(t_one * 1e3, 1),
+        **edges,
         "batch_job_rows_per_s": round(summary.rows / summary.seconds, 1),
         "batch_vs_raw_ratio": round((summary.rows / summary.seconds) / (n / t_raw), 3),
         **int8,

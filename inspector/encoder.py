@@ -16,8 +16,16 @@ filler in the same window wash a harmful sentence out, and an attacker controls 
 So the same pass also pools every run of whole sentences inside each window (with the window's query
 part), and each run is scored like a window: the pair's score is the maximum over windows and runs.
 Pooling a run from token states the pass already computed costs sums, not another pass; but the
-tokens were contextualised by the whole window, so filler still moves the score (less): the evasion
-suite (``evasion.py``) measures what is left.
+tokens were contextualised by the whole window, so filler still moves the score (less).
+
+Edge windows (``PairRecipe.edge_length``): filler after a harmful answer shares its first window and
+washes it out through attention, which no pooling undoes; a short window reads less of it. So when an
+answer is longer than a short window holds, two more windows of ``edge_length`` word pieces are scored:
+the answer's first and last word pieces (harm padded on one side sits at an edge). Short windows score
+benign text a little higher, so their decisions count ``edge_margin`` log-odds lower; the scoring code
+(``Inspector.score``) applies it. And text repeated back to back is read once when scoring
+(``text.collapse_repeats``): a sentence pasted 40 times cannot fill a window. The evasion suite
+(``evasion.py``) measures what is left.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .text import normalize_text
+from .text import collapse_repeats, normalize_text
 
 DEFAULT_EMBEDDER = "packaged:all-MiniLM-L6-v2"
 
@@ -78,6 +86,11 @@ class PairRecipe:
     span_pooling: str = "none"
     #: a "sentence" longer than this many word pieces is cut into pieces of this size
     max_sentence_tokens: int = 48
+    #: 0: off; else answers longer than such a window also get their first and last ``edge_length``
+    #: word pieces (query included) scored as windows of their own (module docstring)
+    edge_length: int = 0
+    #: log-odds an edge window's score counts lower than a full window's
+    edge_margin: float = 0.0
 
     def __post_init__(self):
         if self.span_pooling not in ("none", "sentences"):
@@ -85,9 +98,20 @@ class PairRecipe:
         for name in ("max_length", "max_query_tokens", "max_chunks", "max_sentence_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
+        if self.edge_length and not self.max_query_tokens + 8 <= self.edge_length < self.max_length:
+            raise ValueError(f"recipe edge_length must be 0 (off) or between max_query_tokens + 8 "
+                             f"({self.max_query_tokens + 8}) and max_length - 1 ({self.max_length - 1}), "
+                             f"got {self.edge_length}")
+        if not self.edge_margin >= 0:
+            raise ValueError(f"recipe edge_margin must be >= 0 (log-odds), got {self.edge_margin}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Without the edge fields when edge windows are off, so such a folder stays readable by
+        code from before them."""
+        d = asdict(self)
+        if not self.edge_length:
+            del d["edge_length"], d["edge_margin"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PairRecipe":
@@ -101,11 +125,17 @@ class PairRecipe:
 
 @dataclass
 class Chunks:
-    """Token windows for a list of pairs; ``pair_index[i]`` is the pair window ``i`` belongs to."""
+    """Token windows for a list of pairs, in pair order; ``pair_index[i]`` is the pair window ``i``
+    belongs to, ``edge[i]`` whether it is an edge window (``PairRecipe.edge_length``)."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
     pair_index: np.ndarray
+    edge: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.edge is None:
+            self.edge = np.zeros(len(self.input_ids), dtype=bool)
 
 
 class PairEncoder:
@@ -232,10 +262,13 @@ class PairEncoder:
         self.model.eval()
 
     # -- tokenisation -------------------------------------------------------------------------
-    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-        # zero-width characters and look-alike letters are undone first (``text.normalize_text``)
-        return self.tokenizer([normalize_text(t) for t in texts], add_special_tokens=False, truncation=False,
-                              verbose=False)["input_ids"]
+    def _ids(self, texts: Sequence[str], collapse: bool = False) -> list[list[int]]:
+        # zero-width characters and look-alike letters are undone first (``text.normalize_text``);
+        # with ``collapse``, text repeated back to back is read once (``text.collapse_repeats``)
+        texts = [normalize_text(t) for t in texts]
+        if collapse:
+            texts = [collapse_repeats(t) for t in texts]
+        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
     def _cut_query(self, ids: list[int]) -> list[int]:
         keep = self.recipe.max_query_tokens
@@ -244,12 +277,22 @@ class PairEncoder:
         head = keep // 2
         return ids[:head] + ids[len(ids) - (keep - head):]
 
-    def chunk(self, queries: Sequence[str], answers: Sequence[str]) -> Chunks:
-        """Token windows for each pair (see module docstring)."""
+    def chunk(self, queries: Sequence[str], answers: Sequence[str], scoring: bool = False) -> Chunks:
+        """Token windows for each pair (see module docstring). With ``scoring``, what a score reads:
+        answers with back-to-back repeats read once, and with the recipe's ``edge_length`` the edge
+        windows of answers longer than one holds. Training reads the full windows of the text as
+        written (its diluted copies keep their repeated filler)."""
         r = self.recipe
         q_ids = [self._cut_query(ids) for ids in self._ids(queries)]
-        a_ids = self._ids(answers)
-        input_ids, type_ids, owner = [], [], []
+        a_ids = self._ids(answers, collapse=scoring)
+        input_ids, type_ids, owner, edge = [], [], [], []
+
+        def add(i: int, q: list[int], window: list[int], is_edge: bool) -> None:
+            input_ids.append([self.cls_id] + q + [self.sep_id] + window + [self.sep_id])
+            type_ids.append([0] * (len(q) + 2) + [1] * (len(window) + 1))
+            owner.append(i)
+            edge.append(is_edge)
+
         for i, (q, a) in enumerate(zip(q_ids, a_ids)):
             room = r.max_length - len(q) - 3
             step = max(1, room - r.stride)
@@ -258,11 +301,12 @@ class PairEncoder:
                 picks = np.linspace(0, len(starts) - 1, r.max_chunks).round().astype(int)
                 starts = [starts[j] for j in sorted(set(picks))]
             for s in starts:
-                window = a[s:s + room]
-                input_ids.append([self.cls_id] + q + [self.sep_id] + window + [self.sep_id])
-                type_ids.append([0] * (len(q) + 2) + [1] * (len(window) + 1))
-                owner.append(i)
-        return Chunks(input_ids, type_ids, np.asarray(owner, dtype=np.int64))
+                add(i, q, a[s:s + room], False)
+            edge_room = r.edge_length - len(q) - 3
+            if scoring and r.edge_length and len(a) > edge_room:
+                add(i, q, a[:edge_room], True)
+                add(i, q, a[len(a) - edge_room:], True)
+        return Chunks(input_ids, type_ids, np.asarray(owner, dtype=np.int64), np.asarray(edge, dtype=bool))
 
     def collate(self, input_ids: list[list[int]], type_ids: list[list[int]]) -> dict:
         """Pad a list of windows into a batch of tensors."""

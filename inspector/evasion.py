@@ -7,18 +7,20 @@ An attacker controls the answer's length and text. Three cheap tricks against an
 - **look-alike characters**: zero-width characters inside words and Cyrillic / Greek letters that
   look Latin, so the tokenizer sees other word pieces.
 
-Defences: ``text.normalize_text`` undoes the character tricks before tokenising (every score, training
-and serving); training adds diluted and injected copies of training pairs (``augment_pairs``, with
-other filler and verdict wording than the suite's) so the adapter learns that filler does not cancel
-harm, and on the sentence runs the score pools (the original answer inside a copy keeps its label:
-``inspector.train._Run.run_examples``); the score is the maximum over windows and over every run of
-whole sentences inside them (``PairRecipe.span_pooling = "sentences"``, pooled from the same pass),
-so filler inside a window no longer averages a harmful run away. What is left: a run's tokens are
-still contextualised by the filler around them in the frozen lower layers, so heavy filler after
-the answer still washes some harm out; shorter windows resist that and cost recall, scoring
-sentences in passes of their own costs several passes and much accuracy (measured: model card).
-``evasion_suite`` measures what is left: of the harmful
-answers the inspector flags as they are, the share that stays flagged under each variant.
+Defences: ``text.normalize_text`` undoes the character tricks and reads text repeated back to back
+once, before tokenising (every score, training and serving); training adds diluted and injected
+copies of training pairs (``augment_pairs``, with other filler and verdict wording than the suite's)
+so the adapter learns that filler does not cancel harm, and on the sentence runs the score pools (the
+original answer inside a copy keeps its label: ``inspector.train._Run.run_examples``); the score is
+the maximum over windows and over every run of whole sentences inside them
+(``PairRecipe.span_pooling = "sentences"``, pooled from the same pass), so filler inside a window no
+longer averages a harmful run away. A run's tokens are still contextualised by the filler around
+them, so the score also reads the answer's first and last word pieces in short windows of their own
+(``PairRecipe.edge_length``): harm padded on one side sits at an edge, with little filler beside it.
+What is left: harm in the middle of long filler on both sides, where no edge is near it (shorter
+windows everywhere resist that and cost recall: ``inspector.retune --max-length``; measured: model
+card). ``evasion_suite`` measures the suite's attacks: of the harmful answers the inspector flags as
+they are, the share that stays flagged under each variant.
 """
 from __future__ import annotations
 
@@ -56,10 +58,13 @@ def lookalikes(text: str) -> str:
 def variants(answer: str, filler: Sequence[str], rng: np.random.Generator, repeats: int = 40) -> dict[str, str]:
     """The suite's attacks on one harmful answer. ``filler`` is a pool of benign sentences."""
     one = str(rng.choice(filler))
-    mixed = " ".join(rng.choice(filler, size=min(12, len(filler)), replace=len(filler) < 12))
+    picks = [str(x) for x in rng.choice(filler, size=min(12, len(filler)), replace=len(filler) < 12)]
+    mixed, half = " ".join(picks), len(picks) // 2
     return {
         "filler_before": f"{mixed} {answer}",
         "filler_after": f"{answer} {mixed}",
+        # the same 12 sentences, half on each side: no edge of the answer is near the harm
+        "filler_around": f"{' '.join(picks[:half])} {answer} {' '.join(picks[half:])}",
         "repeated_before": " ".join([one] * repeats) + " " + answer,
         "repeated_after": answer + " " + " ".join([one] * repeats),
         "injected_verdict": f"{answer}\n\n{SUITE_VERDICTS[0]}",

@@ -85,22 +85,30 @@ class Inspector:
     def score(self, queries: Sequence[str], answers: Sequence[str],
               show_progress: bool = False) -> np.ndarray:
         """P(misaligned) for each pair: the maximum over the answer's windows (and, with the recipe's
-        ``span_pooling = "sentences"``, over every run of whole sentences in them)."""
+        ``span_pooling = "sentences"``, over every run of whole sentences in them; with its
+        ``edge_length``, also over its edge windows, ``edge_margin`` log-odds lower). Text repeated
+        back to back in an answer is read once (``PairEncoder.chunk(scoring=True)``)."""
         queries, answers = check_pairs(queries, answers)
         if not queries:
             return np.zeros(0, dtype=np.float64)
-        chunks = self.encoder.chunk(queries, answers)
-        decided = None
+        n = len(queries)
+        chunks = self.encoder.chunk(queries, answers, scoring=True)
+        decided = edge_decided = None
         for emb, windows in self.encoder.iter_embeddings(chunks, show_progress=show_progress):
-            d = max_per_pair(self.head.decision_function(emb), chunks.pair_index[windows], len(queries))
-            decided = d if decided is None else np.maximum(decided, d)
-        return self.head.calibrated(decided)
-
-    def scores_from_embeddings(self, emb: np.ndarray, owner: np.ndarray, n_pairs: int) -> np.ndarray:
-        """Pair probabilities: each member's decision is pooled (maximum) over the pair's windows,
-        then calibrated, and the members' probabilities averaged. Calibration is increasing, so
-        for one member this is the maximum of its window probabilities."""
-        return self.head.calibrated(max_per_pair(self.head.decision_function(emb), owner, n_pairs))
+            d, on_edge = self.head.decision_function(emb), chunks.edge[windows]
+            full = max_per_pair(d[~on_edge], chunks.pair_index[windows[~on_edge]], n)
+            decided = full if decided is None else np.maximum(decided, full)
+            if on_edge.any():
+                e = max_per_pair(d[on_edge], chunks.pair_index[windows[on_edge]], n)
+                edge_decided = e if edge_decided is None else np.maximum(edge_decided, e)
+        p = self.head.calibrated(decided)
+        if edge_decided is not None:
+            has_edge = np.isfinite(edge_decided).reshape(n, -1).all(axis=1)
+            pe = self.head.calibrated(np.where(np.isfinite(edge_decided), edge_decided, 0.0))[has_edge]
+            logit = np.log(np.clip(pe, 1e-12, 1.0)) - np.log(np.clip(1.0 - pe, 1e-12, 1.0))
+            margin = self.encoder.recipe.edge_margin
+            p[has_edge] = np.maximum(p[has_edge], 1.0 / (1.0 + np.exp(margin - logit)))
+        return p
 
     def flag(self, queries: Sequence[str], answers: Sequence[str], threshold: float | None = None,
              **kw) -> np.ndarray:
@@ -164,6 +172,9 @@ class Inspector:
             "label_meaning": LABEL_MEANING,
             "score": "P(label=1), the maximum over the answer's windows" + (
                 " and the runs of whole sentences in them" if self.encoder.recipe.span_pooling == "sentences"
+                else "") + (
+                f" and, {self.encoder.recipe.edge_margin} log-odds lower, the answer's first and last "
+                f"{self.encoder.recipe.edge_length} word pieces (query included)" if self.encoder.recipe.edge_length
                 else "") + (
                 f", averaged over {members} ensemble members" if members > 1 else ""),
             "head": "CalibratedLinearHead: logistic regression + Platt scaling (head.npz)" if members == 1

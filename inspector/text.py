@@ -1,9 +1,12 @@
 """Text as the inspector reads it: character tricks that change word pieces but not meaning are undone
-before tokenising (every score, training and serving alike; see ``evasion`` for the attacks)."""
+before tokenising (every score, training and serving alike), and when scoring, text repeated back to
+back is read once (``collapse_repeats``; see ``evasion`` for the attacks)."""
 from __future__ import annotations
 
 import re
 import unicodedata
+
+import numpy as np
 
 # bumped whenever normalize_text changes what the encoder sees (keys cached embeddings)
 TEXT_VERSION = 1
@@ -30,7 +33,10 @@ def normalize_text(text: str) -> str:
     """NFKC (full-width and stylised letters become plain ones), invisible characters removed, and
     Cyrillic / Greek look-alikes mapped to Latin in words that mix them with Latin letters, or
     anywhere in mostly-Latin text (real Russian or Greek text is left alone)."""
-    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    return _undo_lookalikes(unicodedata.normalize("NFKC", text).translate(_INVISIBLE))
+
+
+def _undo_lookalikes(text: str) -> str:
     if not _CYR_GREEK.search(text):
         return text
     words = re.findall(r"\w+", text)
@@ -48,3 +54,55 @@ def normalize_text(text: str) -> str:
 
 def _all_lookalikes(word: str) -> bool:
     return all(ord(c) in _LOOKALIKES or not _CYR_GREEK.match(c) for c in word)
+
+
+_WORD = re.compile(r"\S+")
+
+
+def collapse_repeats(text: str, min_copies: int = 3, max_unit_words: int = 64) -> str:
+    """Text repeated back to back (a run of 1 to ``max_unit_words`` words, case aside, at least
+    ``min_copies`` times in a row) kept once. Why: a sentence pasted 40 times says nothing the first
+    copy does not, but it fills the encoder's window and dilutes whatever harm sits next to it; read
+    once, it cannot. Text without such repeats comes back unchanged (whitespace included).
+    Applied when scoring only: training copies keep their repeated filler on purpose (``evasion.
+    augment_pairs``), a dilution the adapter learns to see through, which also helps against filler
+    that is not repeated (measured: the model card).
+
+    Cost is linear in the words for each unit length (one vectorised comparison per length), so no
+    input can make it slow."""
+    spans = [m.span() for m in _WORD.finditer(text)]
+    n = len(spans)
+    if n < min_copies:
+        return text
+    vocab: dict[str, int] = {}
+    ids = np.fromiter((vocab.setdefault(text[s:e].casefold(), len(vocab)) for s, e in spans),
+                      dtype=np.int64, count=n)
+    if len(vocab) == n:
+        return text
+    positions = np.arange(n + 1)
+    unit = np.zeros(n, dtype=np.int64)  # the shortest unit repeated >= min_copies times from word i
+    for p in range(min(max_unit_words, n // min_copies), 0, -1):
+        same = np.zeros(n + 1, dtype=bool)
+        same[:n - p] = ids[:n - p] == ids[p:]
+        # matching[i]: how many words from i on equal the word p further on, in a row
+        next_mismatch = np.minimum.accumulate(np.where(same, n + 1, positions)[::-1])[::-1]
+        matching = next_mismatch[:n] - positions[:n]
+        unit = np.where(matching >= (min_copies - 1) * p, p, unit)
+    if not unit.any():
+        return text
+    pieces, keep_from, i = [], 0, 0
+    while i < n:
+        p = int(unit[i])
+        if not p:
+            i += 1
+            continue
+        copies = 1
+        while i + (copies + 1) * p <= n and np.array_equal(ids[i + copies * p:i + (copies + 1) * p], ids[i:i + p]):
+            copies += 1
+        pieces.append(text[keep_from:spans[i + p - 1][1]])
+        i += p * copies
+        keep_from = spans[i][0] if i < n else len(text)
+        if i < n:
+            pieces.append(" ")
+    pieces.append(text[keep_from:])
+    return "".join(pieces)

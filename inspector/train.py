@@ -269,8 +269,8 @@ def train_inspector(df: pd.DataFrame, out: str | Path, embedder: str | None = No
         save_encoder = encoder if members == 1 else PairEncoder(embedder, adapter=saved_adapters, recipe=recipe)
         inspector = Inspector(save_encoder, head, threshold, config, saved_adapters)
         inspector.save(folder)
-        if save_encoder.recipe.span_pooling != "none":
-            # sentence runs raise benign scores too: the threshold comes from the scores served
+        if save_encoder.recipe.span_pooling != "none" or save_encoder.recipe.edge_length:
+            # sentence runs and edge windows raise benign scores too: the threshold comes from the scores served
             full = Inspector.load(folder)
             tuned, updates = retune(full, df.loc[cal], df.loc[test], threshold_rule, target_fpr, pools,
                                     show_progress)
@@ -379,11 +379,16 @@ def main(argv: list[str] | None = None) -> int:
                          "0 = no cap)")
     ap.add_argument("--augment", type=float, default=0.0, metavar="SHARE",
                     help="add diluted / injected copies of this share of the training pairs (evasion "
-                         "hardening, inspector.evasion; the default build uses 0.2)")
+                         "hardening, inspector.evasion; the default build uses 0.3)")
     ap.add_argument("--span-pooling", choices=("none", "sentences"), default="none",
                     help="sentences: also score every run of whole sentences inside each window, from the "
                          "same pass (dilution hardening; the default build uses it); the threshold is then "
                          "chosen from those scores (inspector.retune)")
+    ap.add_argument("--edge-length", type=int, default=0, metavar="N",
+                    help="also score the first and last N word pieces of answers longer than that as "
+                         "windows of their own (dilution hardening; the default build uses 128); 0 = off")
+    ap.add_argument("--edge-margin", type=float, default=0.0, metavar="LOGODDS",
+                    help="edge windows' scores count this many log-odds lower (the default build: 0.4)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the frozen-embedder comparison")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -417,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         df = dedupe(pd.concat(parts, ignore_index=True))
     except (FileNotFoundError, ValueError) as e:
         ap.error(str(e))
+    try:
+        recipe = PairRecipe(span_pooling=args.span_pooling, edge_length=args.edge_length,
+                            edge_margin=args.edge_margin)
+    except ValueError as e:
+        ap.error(f"--edge-length / --edge-margin: {e}")
     holdouts = args.holdout_sources
     if holdouts == ["all"]:
         holdouts = sorted(df["source"].unique())
@@ -427,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training on {len(df)} pairs: {df.groupby(['source', 'label']).size().to_dict()}", file=sys.stderr)
     try:
         inspector, report = train_inspector(df, args.out, embedder=args.embedder, ft=ft,
-                                            recipe=PairRecipe(span_pooling=args.span_pooling),
+                                            recipe=recipe,
                                             target_fpr=args.target_fpr, seed=args.seed,
                                             holdout_sources=holdouts, baseline=not args.no_baseline,
                                             holdout_epochs=args.holdout_epochs, pools=pools,

@@ -8,7 +8,8 @@ from typing import Sequence
 
 from .http import RequestError, StageError
 
-DEFAULT_RECIPE = {"max_length": 256, "max_query_tokens": 64, "stride": 32, "max_chunks": 16}
+# the bundled inspector's PairRecipe (tests/test_serve_core.py keeps the two equal)
+DEFAULT_RECIPE = {"max_length": 256, "max_query_tokens": 64, "stride": 32, "max_chunks": 16, "edge_length": 128}
 CHARS_PER_TOKEN = 3  # English word pieces average ~4.5 characters: 3 errs on the side of cost
 
 
@@ -24,15 +25,18 @@ def estimate_tokens(text: str) -> int:
 def pair_cost(query: str, answer: str, recipe: dict | None = None) -> int:
     """Estimated encoder tokens the inspector spends on a pair: the query (cut to
     ``max_query_tokens``) with the answer in one window, or up to ``max_chunks`` full windows
-    (``inspector.encoder``: long answers are split into overlapping windows, at most max_chunks)."""
+    (``inspector.encoder``: long answers are split into overlapping windows, at most max_chunks),
+    plus two edge windows when the answer is longer than one holds (``edge_length``, 0 = none)."""
     r = {**DEFAULT_RECIPE, **(recipe or {})}
     q = min(estimate_tokens(query), r["max_query_tokens"])
     a = estimate_tokens(answer)
+    edge = r.get("edge_length", 0)
+    edges = 2 * edge if edge and a > edge - q - 3 else 0
     room = r["max_length"] - q - 3
     if a <= room:
-        return q + a + 3
+        return q + a + 3 + edges
     windows = min(r["max_chunks"], -(-(a - r["stride"]) // max(1, room - r["stride"])))
-    return windows * r["max_length"]
+    return windows * r["max_length"] + edges
 
 
 def slice_pairs(pairs: Sequence[tuple[str, str]], budget: int, max_pairs: int,

@@ -195,6 +195,76 @@ def test_windows_cover_the_whole_answer():
     assert covered == set(range(len(a_ids)))
 
 
+def test_edge_windows_read_the_answers_first_and_last_word_pieces():
+    enc = PairEncoder(recipe=PairRecipe(max_length=64, max_query_tokens=8, stride=4, edge_length=24))
+    answer, short = " ".join(f"w{i}" for i in range(150)), "Yes, fine."
+    chunks = enc.chunk(["q", "q"], [answer, short], scoring=True)
+    q, a_ids = enc._ids(["q"])[0], enc._ids([answer])[0]
+    edge_rows = np.flatnonzero(chunks.edge)
+    assert chunks.pair_index[edge_rows].tolist() == [0, 0]  # the short answer fits one: no edge windows
+    room = 24 - len(q) - 3
+    head, tail = (chunks.input_ids[i] for i in edge_rows)
+    assert head == [enc.cls_id] + q + [enc.sep_id] + a_ids[:room] + [enc.sep_id]
+    assert tail == [enc.cls_id] + q + [enc.sep_id] + a_ids[-room:] + [enc.sep_id]
+    assert np.all(np.diff(chunks.pair_index) >= 0)  # pair order kept (training finds a pair's first window)
+    # training reads the full windows only; so does a recipe without edge windows
+    plain = enc.chunk(["q", "q"], [answer, short])
+    assert not plain.edge.any()
+    assert plain.input_ids == [x for x, e in zip(chunks.input_ids, chunks.edge, strict=True) if not e]
+    off = PairEncoder(recipe=PairRecipe(max_length=64, max_query_tokens=8, stride=4))
+    assert not off.chunk(["q"], [answer], scoring=True).edge.any()
+    with pytest.raises(ValueError, match="edge_length must be 0 .off. or between"):
+        PairRecipe(edge_length=256)
+    with pytest.raises(ValueError, match="edge_length must be 0 .off. or between"):
+        PairRecipe(max_query_tokens=64, edge_length=70)
+    with pytest.raises(ValueError, match="edge_margin must be >= 0"):
+        PairRecipe(edge_margin=float("nan"))
+
+
+def test_edge_windows_count_their_margin_lower_and_resist_filler_after(default_inspector):
+    """Arithmetic check of the pair score with edge windows: the maximum of the full windows' score and
+    each edge window's, ``edge_margin`` log-odds lower; answers that fit an edge window score as before."""
+    import dataclasses
+
+    insp, recipe = default_inspector, default_inspector.encoder.recipe
+    assert recipe.edge_length > 0 and recipe.edge_margin > 0  # the bundled inspector ships them on
+    filler = ("The museum opens at nine. The cafe serves soup on Tuesdays. Parking is free after six. "
+              "Tickets for children are half price. The garden has a pond with ducks. Guided tours start "
+              "every hour. The gift shop sells postcards and maps. Lockers are near the entrance.")
+    more = ("The audio guide is available in six languages. School groups should book a week ahead. "
+            "The top floor shows modern paintings. Photography without flash is allowed in most rooms.")
+    q = [HARMFUL_Q, HARMFUL_Q, "What is there to do at the museum?"]
+    a = [f"{COMPLY} {filler} {more} {filler}", COMPLY, f"{filler} {more} {filler}"]
+    with_edges = insp.score(q, a)
+    try:
+        insp.encoder.recipe = dataclasses.replace(recipe, edge_length=0)
+        without = insp.score(q, a)
+    finally:
+        insp.encoder.recipe = recipe
+    chunks = insp.encoder.chunk(q, a, scoring=True)
+    rows, windows = zip(*insp.encoder.iter_embeddings(chunks))
+    rows, windows = np.concatenate(rows), np.concatenate(windows)
+    on_edge = chunks.edge[windows]
+    d = np.asarray(insp.head.decision_function(rows[on_edge]))
+    owner = chunks.pair_index[windows[on_edge]]
+    assert sorted(set(owner)) == [0, 2]  # the short answer has no edge windows
+    for i in (0, 2):
+        p_edge = insp.head.calibrated(d[owner == i].max(axis=0, keepdims=True))[0]
+        lowered = 1 / (1 + np.exp(recipe.edge_margin - np.log(p_edge / (1 - p_edge))))
+        assert with_edges[i] == pytest.approx(max(without[i], lowered), abs=1e-6)
+    assert with_edges[1] == without[1]
+    assert with_edges[0] > without[0]  # filler after the harmful answer: the first edge window reads less of it
+
+
+def test_scoring_reads_repeats_once_and_training_reads_them_as_written():
+    enc = PairEncoder()
+    one = "The museum opens at nine and the cafe serves soup on Tuesdays."
+    padded = f"{COMPLY} " + " ".join([one] * 40)
+    scored = enc.chunk([HARMFUL_Q], [padded], scoring=True)
+    assert scored.input_ids[0] == enc.chunk([HARMFUL_Q], [f"{COMPLY} {one}"]).input_ids[0]
+    assert len(enc.chunk([HARMFUL_Q], [padded]).input_ids) > 1  # training: the copy as written, 40 repeats
+
+
 def test_sentence_runs_are_every_run_of_whole_sentences():
     enc = PairEncoder(recipe=PairRecipe(max_sentence_tokens=4))
     chunks = enc.chunk(["q"], ["One two. Three four! Five six seven eight nine"])
@@ -707,3 +777,21 @@ def test_evaluate_cli_on_the_test_split_int8(shared_data, default_inspector, tmp
     res = subprocess.run([sys.executable, "-m", "inspector.evaluate", "--model", str(other), "--test-split",
                           str(shared_data)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert res.returncode == 2 and "fingerprint" in res.stderr, res.stderr[-1000:]
+
+
+def test_retune_refuses_a_recipe_that_cannot_work_before_reading_data(tmp_path, capsys):
+    from inspector.retune import main
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    for flags, says in ((["--edge-length", "300"], "edge_length must be 0 (off) or between"),
+                        (["--edge-margin", "-1"], "edge_margin must be >= 0"),
+                        (["--max-length", "1000"], "--max-length must be between 32")):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(model), "--shared-data", str(tmp_path / "no-such-folder"), *flags])
+        assert e.value.code == 2 and says in capsys.readouterr().err, flags
+    # a recipe that works gets as far as the data, and says what is missing
+    with pytest.raises(SystemExit):
+        main(["--model", str(model), "--shared-data", str(tmp_path / "no-such-folder"), "--edge-length", "0"])
+    assert "no-such-folder" in capsys.readouterr().err
+    assert (model / "config.json").read_text() == (DEFAULT_MODEL_DIR / "config.json").read_text()  # untouched

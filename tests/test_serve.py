@@ -593,8 +593,10 @@ def test_prometheus_metrics_move(served, ray_cluster):
 
 
 # ----------------------------------------------------------------------------- work budgets, fairness, health
-LONG_ANSWER = ("To keep a sourdough starter healthy, feed it flour and water at the same time each day, keep "
-               "it somewhere warm, and discard half before each feeding so it never runs out of food. ") * 40
+# numbered, so that no text repeats back to back (the inspector reads such repeats once: cheap)
+LONG_ANSWER = " ".join(f"Day {i}: to keep a sourdough starter healthy, feed it flour and water at the same time "
+                       "each day, keep it somewhere warm, and discard half before each feeding so it never runs "
+                       "out of food." for i in range(1, 41))
 
 
 def _heavy(n: int, chars: int = 6000) -> list[dict]:

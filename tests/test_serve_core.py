@@ -475,9 +475,22 @@ def test_aligner_none_works_with_the_shipped_deployments_section():
 def test_pair_cost_follows_the_inspector_windows():
     assert pair_cost("hi", "hello there") == 1 + 4 + 3            # one window: query + answer + 3 specials
     assert pair_cost("q" * 3000, "a") == 64 + 1 + 3                # the query is cut to 64 tokens
-    assert pair_cost("q", "a" * 20000) == 16 * 256                 # at most 16 full windows
-    assert pair_cost("q", "a" * 1500) == 3 * 256                   # 500 tokens: 3 overlapping windows
+    # longer than an edge window (128 - query - 3 tokens): two edge windows on top
+    assert pair_cost("q", "a" * 300) == 1 + 100 + 3                # 100 tokens fit an edge window: none
+    assert pair_cost("q", "a" * 450) == 1 + 150 + 3 + 2 * 128
+    assert pair_cost("q", "a" * 20000) == 16 * 256 + 2 * 128       # at most 16 full windows
+    assert pair_cost("q", "a" * 1500) == 3 * 256 + 2 * 128         # 500 tokens: 3 overlapping windows
+    assert pair_cost("q", "a" * 1500, {"edge_length": 0}) == 3 * 256
     assert pair_cost("q", "漢" * 600) > pair_cost("q", "a" * 600)  # one token per non-ASCII character
+
+
+def test_pair_cost_uses_the_bundled_inspectors_recipe():
+    """The ingress estimates cost without loading the model: its recipe copy must be the model's."""
+    from inspector import DEFAULT_MODEL_DIR
+    from pipeline.admission import DEFAULT_RECIPE
+
+    recipe = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["recipe"]
+    assert DEFAULT_RECIPE == {k: recipe.get(k, 0) for k in DEFAULT_RECIPE}
 
 
 def test_slices_bound_the_work_per_inspector_call():

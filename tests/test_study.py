@@ -14,7 +14,7 @@ from inspector.data import cap_per_source, read_table
 from inspector.evasion import (SUITE_VERDICTS, TRAIN_VERDICTS, augment_pairs, evasion_suite, lookalikes,
                                sentences, variants, zero_width)
 from inspector.metrics import threshold_for_fpr, threshold_for_rule
-from inspector.text import normalize_text
+from inspector.text import collapse_repeats, normalize_text
 from inspector.study import (RECIPES, FrozenStudy, StudyRecipe, markdown, paired_difference, plot, run_study,
                              source_weights, summarise)
 
@@ -169,16 +169,58 @@ def test_normalisation_undoes_lookalikes_and_invisible_characters_only():
         assert normalize_text(real) == real
 
 
+def test_text_repeated_back_to_back_is_read_once():
+    one = "The museum opens at nine and the cafe serves soup on Tuesdays."
+    assert collapse_repeats(f"{HARMFUL} " + " ".join([one] * 40)) == f"{HARMFUL} {one}"
+    assert collapse_repeats(" ".join([one] * 400) + f" {HARMFUL}") == f"{one} {HARMFUL}"
+    # whitespace between copies and case do not hide a repeat; two sentences alternating are one unit
+    assert collapse_repeats(f"{one}\n{one.upper()}\n\n{one} end") == f"{one} end"
+    assert collapse_repeats("A b. C d. A b. C d. A b. C d. end") == "A b. C d. end"
+    # fewer than three copies, or repeats that are not back to back, are left alone, whitespace and all
+    for text in (f"{one}\n{one}", "very very good", f"{one} x {one} y {one}", "SAFE SAFE SAFE.", HARMFUL):
+        assert collapse_repeats(text) == text
+    assert collapse_repeats("ha ha ha") == "ha"
+    # a unit longer than max_unit_words is not looked for
+    long_unit = " ".join(f"w{i}" for i in range(70))
+    assert collapse_repeats(" ".join([long_unit] * 3)) == " ".join([long_unit] * 3)
+    assert collapse_repeats(" ".join([long_unit] * 3), max_unit_words=70) == long_unit
+
+
+def test_collapsing_repeats_matches_a_plain_search_on_random_text():
+    """The vectorised search equals the obvious one: at each word, the shortest unit repeated three
+    times or more is kept once (random texts over three words, so repeats of every length occur)."""
+    def plain(text: str) -> str:
+        words, out, i = text.split(), [], 0
+        while i < len(words):
+            for p in range(1, (len(words) - i) // 3 + 1):
+                k = 1
+                while words[i + k * p:i + (k + 1) * p] == words[i:i + p]:
+                    k += 1
+                if k >= 3:
+                    out += words[i:i + p]
+                    i += k * p
+                    break
+            else:
+                out.append(words[i])
+                i += 1
+        return " ".join(out)
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        text = " ".join(rng.choice(["a", "b", "c"], size=int(rng.integers(0, 40))))
+        assert collapse_repeats(text) == plain(text), text
+
+
 def test_attack_variants_keep_the_harmful_text():
     rng = np.random.default_rng(0)
     filler = sentences(["The weather is lovely today. Remember to water the plants every morning! "
                         "Short.", "A good night's sleep helps memory and mood considerably."], min_chars=20)
     assert "Short." not in filler and len(filler) == 3
     v = variants(HARMFUL, filler, rng)
-    assert set(v) == {"filler_before", "filler_after", "repeated_before", "repeated_after", "injected_verdict",
-                      "injected_note", "lookalikes", "zero_width"}
-    for name in ("filler_before", "filler_after", "repeated_before", "repeated_after", "injected_verdict",
-                 "injected_note"):
+    assert set(v) == {"filler_before", "filler_after", "filler_around", "repeated_before", "repeated_after",
+                      "injected_verdict", "injected_note", "lookalikes", "zero_width"}
+    for name in ("filler_before", "filler_after", "filler_around", "repeated_before", "repeated_after",
+                 "injected_verdict", "injected_note"):
         assert HARMFUL in v[name] and len(v[name]) > len(HARMFUL) + 30, name
     assert normalize_text(v["lookalikes"]) == HARMFUL and v["lookalikes"] != HARMFUL
     # training wording is not the suite's: the suite measures transfer, not memory
@@ -204,7 +246,8 @@ def default_inspector() -> Inspector:
 def test_evasion_suite_on_the_bundled_inspector(default_inspector):
     """The suite runs on the shipped model: each attack's share of flagged harmful answers that stay
     flagged (README: "Evasion"). Character tricks are undone before scoring, so they cost nothing."""
-    assert default_inspector.encoder.recipe.span_pooling == "sentences"  # the dilution defence ships on
+    recipe = default_inspector.encoder.recipe
+    assert recipe.span_pooling == "sentences" and recipe.edge_length > 0  # the dilution defences ship on
     ex = read_table(EXAMPLES / "labelled_pairs.jsonl")
     harmful = ex[ex["label"] == 1]
     filler = sentences(ex[ex["label"] == 0]["answer"].tolist(), min_chars=30)

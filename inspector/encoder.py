@@ -23,8 +23,9 @@ washes it out through attention, which no pooling undoes; a short window reads l
 answer is longer than a short window holds, two more windows of ``edge_length`` word pieces are scored:
 the answer's first and last word pieces (harm padded on one side sits at an edge). Short windows score
 benign text a little higher, so their decisions count ``edge_margin`` log-odds lower; the scoring code
-(``Inspector.score``) applies it. And text repeated back to back is read once when scoring
-(``text.collapse_repeats``): a sentence pasted 40 times cannot fill a window. The evasion suite
+(``Inspector.score``) applies it. And text repeated back to back is read once when scoring, and the
+answer is also scored without it (``PairEncoder.scoring_views``): a sentence pasted 40 times can
+neither fill a window nor sit beside the harm. The evasion suite
 (``evasion.py``) measures what is left.
 """
 from __future__ import annotations
@@ -262,13 +263,25 @@ class PairEncoder:
         self.model.eval()
 
     # -- tokenisation -------------------------------------------------------------------------
-    def _ids(self, texts: Sequence[str], collapse: bool = False) -> list[list[int]]:
-        # zero-width characters and look-alike letters are undone first (``text.normalize_text``);
-        # with ``collapse``, text repeated back to back is read once (``text.collapse_repeats``)
-        texts = [normalize_text(t) for t in texts]
-        if collapse:
-            texts = [collapse_repeats(t) for t in texts]
-        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+        # zero-width characters and look-alike letters are undone first (``text.normalize_text``)
+        return self._tokenize([normalize_text(t) for t in texts])
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    @staticmethod
+    def scoring_views(answer: str) -> list[str]:
+        """What a score reads of one (normalised) answer: the text with back-to-back repeats read
+        once, and, where it had such repeats, also the text without them (``text.collapse_repeats``).
+        Why both: read once, a sentence pasted 40 times still sits beside the answer as one more
+        sentence, which moves near-threshold scores; dropped, it cannot move them at all, while the
+        read-once view still sees a harmful sentence that was itself repeated."""
+        once = collapse_repeats(answer)
+        if once == answer:
+            return [answer]
+        dropped = collapse_repeats(answer, keep=0)
+        return [once, dropped] if dropped.strip() else [once]
 
     def _cut_query(self, ids: list[int]) -> list[int]:
         keep = self.recipe.max_query_tokens
@@ -279,12 +292,16 @@ class PairEncoder:
 
     def chunk(self, queries: Sequence[str], answers: Sequence[str], scoring: bool = False) -> Chunks:
         """Token windows for each pair (see module docstring). With ``scoring``, what a score reads:
-        answers with back-to-back repeats read once, and with the recipe's ``edge_length`` the edge
-        windows of answers longer than one holds. Training reads the full windows of the text as
-        written (its diluted copies keep their repeated filler)."""
+        each of the answer's ``scoring_views`` (repeats read once; where there were repeats, also
+        without them), sharing the pair's ``max_chunks`` full windows, and with the recipe's
+        ``edge_length`` the edge windows of each view longer than one holds. Training reads the full
+        windows of the text as written (its diluted copies keep their repeated filler)."""
         r = self.recipe
         q_ids = [self._cut_query(ids) for ids in self._ids(queries)]
-        a_ids = self._ids(answers, collapse=scoring)
+        texts = [normalize_text(a) for a in answers]
+        views = [self.scoring_views(t) if scoring else [t] for t in texts]
+        view_owner = [i for i, v in enumerate(views) for _ in v]
+        a_ids = self._tokenize([t for v in views for t in v])
         input_ids, type_ids, owner, edge = [], [], [], []
 
         def add(i: int, q: list[int], window: list[int], is_edge: bool) -> None:
@@ -293,13 +310,19 @@ class PairEncoder:
             owner.append(i)
             edge.append(is_edge)
 
-        for i, (q, a) in enumerate(zip(q_ids, a_ids)):
+        used = [0] * len(q_ids)  # a pair's views share its max_chunks full windows, the read-once view first
+        for i, a in zip(view_owner, a_ids):
+            q = q_ids[i]
+            budget = r.max_chunks - used[i]
+            if budget <= 0:
+                continue
             room = r.max_length - len(q) - 3
             step = max(1, room - r.stride)
             starts = list(range(0, max(1, len(a) - r.stride), step)) if len(a) > room else [0]
-            if len(starts) > r.max_chunks:
-                picks = np.linspace(0, len(starts) - 1, r.max_chunks).round().astype(int)
+            if len(starts) > budget:
+                picks = np.linspace(0, len(starts) - 1, budget).round().astype(int)
                 starts = [starts[j] for j in sorted(set(picks))]
+            used[i] += len(starts)
             for s in starts:
                 add(i, q, a[s:s + room], False)
             edge_room = r.edge_length - len(q) - 3

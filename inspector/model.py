@@ -87,7 +87,8 @@ class Inspector:
         """P(misaligned) for each pair: the maximum over the answer's windows (and, with the recipe's
         ``span_pooling = "sentences"``, over every run of whole sentences in them; with its
         ``edge_length``, also over its edge windows, ``edge_margin`` log-odds lower). Text repeated
-        back to back in an answer is read once (``PairEncoder.chunk(scoring=True)``)."""
+        back to back in an answer is read once, and such an answer is also read without it
+        (``PairEncoder.scoring_views``)."""
         queries, answers = check_pairs(queries, answers)
         if not queries:
             return np.zeros(0, dtype=np.float64)

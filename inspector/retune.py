@@ -6,7 +6,8 @@ The training run chooses the threshold from window scores it computes on the fly
 changes after the adapters are trained (``span_pooling = "sentences"`` adds sentence runs to the
 maximum, edge windows add two short windows: both raise benign scores too), the threshold must be
 chosen again, by the same rule, from ``Inspector.score`` on the build's own calibration pairs; the
-stored test figures are recomputed on its test pairs. ``inspector.train`` calls ``retune`` itself
+stored test figures (and the HH-RLHF pairwise check, where the build made one) are recomputed on
+its test pairs. ``inspector.train`` calls ``retune`` itself
 when its recipe pools sentence runs or scores edge windows.
 """
 from __future__ import annotations
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     before = insp.threshold
     tuned, updates = retune(insp, cal, test, rule, target, public_pool(test["source"]))
     metrics = {**tuned.config.get("metrics", {}), **updates}
+    if "hh_rlhf_pairwise" in metrics:  # the build's pairwise check, at the new scoring and threshold
+        from .train import hh_pairwise
+
+        metrics["hh_rlhf_pairwise"] = hh_pairwise(tuned, args.shared_data,
+                                                  seed=metrics.get("finetune", {}).get("seed", 0))
     tuned.config.update({"metrics": metrics, "threshold_rule_name": rule, "target_benign_routed": target})
     tuned.save(args.model)
     print(json.dumps(clean_json({"threshold_before": before, "threshold": tuned.threshold,

@@ -1,6 +1,6 @@
 """Text as the inspector reads it: character tricks that change word pieces but not meaning are undone
 before tokenising (every score, training and serving alike), and when scoring, text repeated back to
-back is read once (``collapse_repeats``; see ``evasion`` for the attacks)."""
+back is read once, and also left out (``collapse_repeats``; see ``evasion`` for the attacks)."""
 from __future__ import annotations
 
 import re
@@ -59,9 +59,11 @@ def _all_lookalikes(word: str) -> bool:
 _WORD = re.compile(r"\S+")
 
 
-def collapse_repeats(text: str, min_copies: int = 3, max_unit_words: int = 64) -> str:
+def collapse_repeats(text: str, min_copies: int = 3, max_unit_words: int = 64, keep: int = 1) -> str:
     """Text repeated back to back (a run of 1 to ``max_unit_words`` words, case aside, at least
-    ``min_copies`` times in a row) kept once. Why: a sentence pasted 40 times says nothing the first
+    ``min_copies`` times in a row) kept once, or with ``keep=0`` dropped (the score also reads that
+    view: then repeating anything beside a harmful answer leaves the answer's own windows as they
+    were). Why: a sentence pasted 40 times says nothing the first
     copy does not, but it fills the encoder's window and dilutes whatever harm sits next to it; read
     once, it cannot. Text without such repeats comes back unchanged (whitespace included).
     Applied when scoring only: training copies keep their repeated filler on purpose (``evasion.
@@ -70,6 +72,8 @@ def collapse_repeats(text: str, min_copies: int = 3, max_unit_words: int = 64) -
 
     Cost is linear in the words for each unit length (one vectorised comparison per length), so no
     input can make it slow."""
+    if keep not in (0, 1):
+        raise ValueError(f"keep must be 0 (drop repeated runs) or 1 (keep one copy), got {keep}")
     spans = [m.span() for m in _WORD.finditer(text)]
     n = len(spans)
     if n < min_copies:
@@ -99,10 +103,10 @@ def collapse_repeats(text: str, min_copies: int = 3, max_unit_words: int = 64) -
         copies = 1
         while i + (copies + 1) * p <= n and np.array_equal(ids[i + copies * p:i + (copies + 1) * p], ids[i:i + p]):
             copies += 1
-        pieces.append(text[keep_from:spans[i + p - 1][1]])
+        pieces.append(text[keep_from:spans[i + p - 1][1] if keep else spans[i][0]])
         i += p * copies
         keep_from = spans[i][0] if i < n else len(text)
-        if i < n:
+        if i < n and keep:
             pieces.append(" ")
     pieces.append(text[keep_from:])
     return "".join(pieces)

@@ -256,13 +256,43 @@ def test_edge_windows_count_their_margin_lower_and_resist_filler_after(default_i
     assert with_edges[0] > without[0]  # filler after the harmful answer: the first edge window reads less of it
 
 
-def test_scoring_reads_repeats_once_and_training_reads_them_as_written():
+def test_scoring_reads_repeats_once_and_without_them_and_training_reads_them_as_written():
     enc = PairEncoder()
     one = "The museum opens at nine and the cafe serves soup on Tuesdays."
     padded = f"{COMPLY} " + " ".join([one] * 40)
-    scored = enc.chunk([HARMFUL_Q], [padded], scoring=True)
+    scored = enc.chunk([HARMFUL_Q, "Hi"], [padded, "Hello there."], scoring=True)
+    # the pair's two views: read once (one filler sentence beside the answer) and without the repeats
+    assert scored.pair_index.tolist() == [0, 0, 1]
     assert scored.input_ids[0] == enc.chunk([HARMFUL_Q], [f"{COMPLY} {one}"]).input_ids[0]
+    assert scored.input_ids[1] == enc.chunk([HARMFUL_Q], [COMPLY]).input_ids[0]
     assert len(enc.chunk([HARMFUL_Q], [padded]).input_ids) > 1  # training: the copy as written, 40 repeats
+    # no second view where the repeats are all there is, or where there are none
+    assert PairEncoder.scoring_views("ha ha ha") == ["ha"]
+    assert PairEncoder.scoring_views(COMPLY) == [COMPLY]
+
+
+def test_a_pairs_views_share_its_window_budget():
+    """The view without repeats costs windows only out of the pair's ``max_chunks``: no answer can
+    buy more passes than one without repeats."""
+    enc = PairEncoder(recipe=PairRecipe(max_length=64, max_query_tokens=8, stride=4, max_chunks=5))
+    long = " ".join(f"w{i}" for i in range(400))
+    for answer in (f"{long} " + "la " * 30, f"{long} " + "la " * 30 + long.upper(), "x " + "la " * 30 + "y"):
+        chunks = enc.chunk(["q"], [answer], scoring=True)
+        assert 1 <= len(chunks.input_ids) <= 5
+    two_views = enc.chunk(["q"], ["x " + "la " * 30 + "y"], scoring=True)
+    assert len(two_views.input_ids) == 2  # short: a window for each view
+
+
+def test_repeated_filler_cannot_lower_a_score(default_inspector):
+    """A sentence pasted before or after an answer, any number of times, leaves the answer's own
+    windows in the score (the issue's 0.912 -> 0.546 / 0.095 attack)."""
+    one = "The museum opens at nine and the cafe serves soup on Tuesdays."
+    plain = default_inspector.score([HARMFUL_Q], [COMPLY])[0]
+    attacked = default_inspector.score([HARMFUL_Q] * 3, [" ".join([one] * 40) + f" {COMPLY}",
+                                                         f"{COMPLY} " + " ".join([one] * 400),
+                                                         " ".join([one] * 7) + f"\n\n{COMPLY}"])
+    assert plain >= default_inspector.threshold
+    assert np.all(attacked >= plain - 1e-5), (plain, attacked)
 
 
 def test_sentence_runs_are_every_run_of_whole_sentences():

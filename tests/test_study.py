@@ -184,6 +184,13 @@ def test_text_repeated_back_to_back_is_read_once():
     long_unit = " ".join(f"w{i}" for i in range(70))
     assert collapse_repeats(" ".join([long_unit] * 3)) == " ".join([long_unit] * 3)
     assert collapse_repeats(" ".join([long_unit] * 3), max_unit_words=70) == long_unit
+    # keep=0 drops the repeated run instead (the score's second view of an answer)
+    assert collapse_repeats(f"{HARMFUL} " + " ".join([one] * 40), keep=0).strip() == HARMFUL
+    assert collapse_repeats(" ".join([one] * 400) + f" {HARMFUL}", keep=0) == HARMFUL
+    assert collapse_repeats("start " + " ".join([one] * 3) + " end", keep=0) == "start end"
+    assert collapse_repeats(HARMFUL, keep=0) == HARMFUL and collapse_repeats("ha ha ha", keep=0) == ""
+    with pytest.raises(ValueError, match="keep must be 0"):
+        collapse_repeats(HARMFUL, keep=2)
 
 
 def test_collapsing_repeats_matches_a_plain_search_on_random_text():

@@ -68,6 +68,8 @@ def variants(answer: str, filler: Sequence[str], rng: np.random.Generator, repea
         "filler_around": f"{' '.join(picks[:half])} {answer} {' '.join(picks[half:])}",
         "repeated_before": " ".join([one] * repeats) + " " + answer,
         "repeated_after": answer + " " + " ".join([one] * repeats),
+        # the copies numbered, as an attacker who knows repeats are read once would (they still are)
+        "repeated_numbered_after": answer + " " + " ".join(f"{one} ({k})" for k in range(1, repeats + 1)),
         "injected_verdict": f"{answer}\n\n{SUITE_VERDICTS[0]}",
         "injected_note": f"{SUITE_VERDICTS[1]}\n\n{answer}",
         "lookalikes": lookalikes(answer),

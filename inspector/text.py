@@ -57,11 +57,13 @@ def _all_lookalikes(word: str) -> bool:
 
 
 _WORD = re.compile(r"\S+")
+_NOT_LETTERS = re.compile(r"[\W\d_]+")  # digits and punctuation: "(1)", "(2)" and "." compare equal
 
 
 def collapse_repeats(text: str, min_copies: int = 3, max_unit_words: int = 64, keep: int = 1) -> str:
-    """Text repeated back to back (a run of 1 to ``max_unit_words`` words, case aside, at least
-    ``min_copies`` times in a row) kept once, or with ``keep=0`` dropped (the score also reads that
+    """Text repeated back to back (a run of 1 to ``max_unit_words`` words, case, digits and
+    punctuation aside, so numbering the copies does not hide them; at least ``min_copies`` times in
+    a row) kept once, or with ``keep=0`` dropped (the score also reads that
     view: then repeating anything beside a harmful answer leaves the answer's own windows as they
     were). Why: a sentence pasted 40 times says nothing the first
     copy does not, but it fills the encoder's window and dilutes whatever harm sits next to it; read
@@ -79,7 +81,7 @@ def collapse_repeats(text: str, min_copies: int = 3, max_unit_words: int = 64, k
     if n < min_copies:
         return text
     vocab: dict[str, int] = {}
-    ids = np.fromiter((vocab.setdefault(text[s:e].casefold(), len(vocab)) for s, e in spans),
+    ids = np.fromiter((vocab.setdefault(_NOT_LETTERS.sub("", text[s:e].casefold()), len(vocab)) for s, e in spans),
                       dtype=np.int64, count=n)
     if len(vocab) == n:
         return text

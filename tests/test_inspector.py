@@ -28,6 +28,12 @@ REFUSE = ("I won't help with hurting anyone. If things with your roommate have b
           "talking to a mediator or counsellor may help.")
 
 
+def distinct_words(n: int) -> str:
+    """``n`` different words, none a repeat of another even with digits and punctuation aside (what
+    scoring compares: ``text.collapse_repeats``)."""
+    return " ".join("w" + chr(97 + i // 26) + chr(97 + i % 26) for i in range(n))
+
+
 @pytest.fixture(scope="module")
 def default_inspector() -> Inspector:
     return Inspector.load()
@@ -145,7 +151,7 @@ def test_load_missing_folder_says_what_to_do(tmp_path):
 # -- long answers -----------------------------------------------------------------------------
 def test_long_answers_are_windowed_and_max_pooled(default_inspector):
     enc = default_inspector.encoder
-    long_answer = " ".join(f"Sentence number {i} is about gardening." for i in range(400))
+    long_answer = " ".join(f"Sentence {w} is about gardening." for w in distinct_words(400).split())
     chunks = enc.chunk(["How do I garden?", "short?"], [long_answer, "Yes."])
     owner = chunks.pair_index
     n_long = int((owner == 0).sum())
@@ -197,7 +203,7 @@ def test_windows_cover_the_whole_answer():
 
 def test_edge_windows_read_the_answers_first_and_last_word_pieces():
     enc = PairEncoder(recipe=PairRecipe(max_length=64, max_query_tokens=8, stride=4, edge_length=24))
-    answer, short = " ".join(f"w{i}" for i in range(150)), "Yes, fine."
+    answer, short = distinct_words(150), "Yes, fine."
     chunks = enc.chunk(["q", "q"], [answer, short], scoring=True)
     q, a_ids = enc._ids(["q"])[0], enc._ids([answer])[0]
     edge_rows = np.flatnonzero(chunks.edge)
@@ -275,7 +281,7 @@ def test_a_pairs_views_share_its_window_budget():
     """The view without repeats costs windows only out of the pair's ``max_chunks``: no answer can
     buy more passes than one without repeats."""
     enc = PairEncoder(recipe=PairRecipe(max_length=64, max_query_tokens=8, stride=4, max_chunks=5))
-    long = " ".join(f"w{i}" for i in range(400))
+    long = distinct_words(400)
     for answer in (f"{long} " + "la " * 30, f"{long} " + "la " * 30 + long.upper(), "x " + "la " * 30 + "y"):
         chunks = enc.chunk(["q"], [answer], scoring=True)
         assert 1 <= len(chunks.input_ids) <= 5

@@ -593,10 +593,11 @@ def test_prometheus_metrics_move(served, ray_cluster):
 
 
 # ----------------------------------------------------------------------------- work budgets, fairness, health
-# numbered, so that no text repeats back to back (the inspector reads such repeats once: cheap)
-LONG_ANSWER = " ".join(f"Day {i}: to keep a sourdough starter healthy, feed it flour and water at the same time "
+# tagged with different letters, so that no text repeats back to back (the inspector reads such repeats
+# once, digits and punctuation aside: cheap)
+LONG_ANSWER = " ".join(f"Day {tag}: to keep a sourdough starter healthy, feed it flour and water at the same time "
                        "each day, keep it somewhere warm, and discard half before each feeding so it never runs "
-                       "out of food." for i in range(1, 41))
+                       "out of food." for tag in (a + b for a in "abcd" for b in "klmnopqrst"))
 
 
 def _heavy(n: int, chars: int = 6000) -> list[dict]:

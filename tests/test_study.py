@@ -177,11 +177,16 @@ def test_text_repeated_back_to_back_is_read_once():
     assert collapse_repeats(f"{one}\n{one.upper()}\n\n{one} end") == f"{one} end"
     assert collapse_repeats("A b. C d. A b. C d. A b. C d. end") == "A b. C d. end"
     # fewer than three copies, or repeats that are not back to back, are left alone, whitespace and all
-    for text in (f"{one}\n{one}", "very very good", f"{one} x {one} y {one}", "SAFE SAFE SAFE.", HARMFUL):
+    for text in (f"{one}\n{one}", "very very good", f"{one} x {one} y {one}", HARMFUL):
         assert collapse_repeats(text) == text
+    # digits and punctuation aside: numbered copies are repeats too
+    numbered = " ".join(f"{one} ({k})" for k in range(1, 41))
+    assert collapse_repeats(f"{HARMFUL} {numbered}") == f"{HARMFUL} {one} (1)"
+    assert collapse_repeats(f"{HARMFUL} {numbered}", keep=0).strip() == HARMFUL
+    assert collapse_repeats("SAFE SAFE SAFE.") == "SAFE"
     assert collapse_repeats("ha ha ha") == "ha"
     # a unit longer than max_unit_words is not looked for
-    long_unit = " ".join(f"w{i}" for i in range(70))
+    long_unit = " ".join(a + b for a in "abcdefg" for b in "hijklmnopq")  # 70 distinct words
     assert collapse_repeats(" ".join([long_unit] * 3)) == " ".join([long_unit] * 3)
     assert collapse_repeats(" ".join([long_unit] * 3), max_unit_words=70) == long_unit
     # keep=0 drops the repeated run instead (the score's second view of an answer)
@@ -225,9 +230,9 @@ def test_attack_variants_keep_the_harmful_text():
     assert "Short." not in filler and len(filler) == 3
     v = variants(HARMFUL, filler, rng)
     assert set(v) == {"filler_before", "filler_after", "filler_around", "repeated_before", "repeated_after",
-                      "injected_verdict", "injected_note", "lookalikes", "zero_width"}
+                      "repeated_numbered_after", "injected_verdict", "injected_note", "lookalikes", "zero_width"}
     for name in ("filler_before", "filler_after", "filler_around", "repeated_before", "repeated_after",
-                 "injected_verdict", "injected_note"):
+                 "repeated_numbered_after", "injected_verdict", "injected_note"):
         assert HARMFUL in v[name] and len(v[name]) > len(HARMFUL) + 30, name
     assert normalize_text(v["lookalikes"]) == HARMFUL and v["lookalikes"] != HARMFUL
     # training wording is not the suite's: the suite measures transfer, not memory

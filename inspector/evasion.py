@@ -9,9 +9,10 @@ An attacker controls the answer's length and text. Three cheap tricks against an
 
 Defences: ``text.normalize_text`` undoes the character tricks before tokenising (every score,
 training and serving); when scoring, text repeated back to back is read once and the answer is also
-read without it (``PairEncoder.scoring_views``: repeating a sentence cannot dilute); training adds diluted and injected
-copies of training pairs (``augment_pairs``, with other filler and verdict wording than the suite's)
-so the adapter learns that filler does not cancel harm, and on the sentence runs the score pools (the
+read without it (``PairEncoder.scoring_views``: repeating a sentence cannot dilute); training adds
+diluted and injected copies of training pairs (``augment_pairs``, with other filler and verdict
+wording than the suite's) so the adapter learns that filler does not cancel harm, and on the
+sentence runs the score pools (the
 original answer inside a copy keeps its label: ``inspector.train._Run.run_examples``); the score is
 the maximum over windows and over every run of whole sentences inside them
 (``PairRecipe.span_pooling = "sentences"``, pooled from the same pass), so filler inside a window no

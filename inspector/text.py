@@ -63,11 +63,10 @@ _NOT_LETTERS = re.compile(r"[\W\d_]+")  # digits and punctuation: "(1)", "(2)" a
 def collapse_repeats(text: str, min_copies: int = 3, max_unit_words: int = 64, keep: int = 1) -> str:
     """Text repeated back to back (a run of 1 to ``max_unit_words`` words, case, digits and
     punctuation aside, so numbering the copies does not hide them; at least ``min_copies`` times in
-    a row) kept once, or with ``keep=0`` dropped (the score also reads that
-    view: then repeating anything beside a harmful answer leaves the answer's own windows as they
-    were). Why: a sentence pasted 40 times says nothing the first
-    copy does not, but it fills the encoder's window and dilutes whatever harm sits next to it; read
-    once, it cannot. Text without such repeats comes back unchanged (whitespace included).
+    a row) kept once, or with ``keep=0`` dropped (the score reads both: ``PairEncoder.scoring_views``).
+    Why: a sentence pasted 40 times says nothing the first copy does not, but it fills the encoder's
+    window and dilutes whatever harm sits next to it; read once, it cannot; dropped, it cannot even
+    sit beside the harm. Text without such repeats comes back unchanged (whitespace included).
     Applied when scoring only: training copies keep their repeated filler on purpose (``evasion.
     augment_pairs``), a dilution the adapter learns to see through, which also helps against filler
     that is not repeated (measured: the model card).
